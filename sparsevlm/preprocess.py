@@ -1,0 +1,223 @@
+"""Qwen-VL preprocessing on numpy + Pillow (no torchvision).
+
+transformers' Qwen-VL processors cannot be constructed without torchvision, which has no
+CPU wheel for our CI. `QwenVLProcessor` reproduces what `AutoProcessor` returns for ONE
+sample: smart resize between min/max pixels, rescale + normalise, temporal grouping,
+patch flattening in the spatial-merge order, `*_grid_thw`, expansion of the image/video
+pad tokens in the chat-templated prompt and `mm_token_type_ids`.
+
+Images follow transformers' PIL backend bit for bit (PIL bicubic on uint8). Video frames
+use the same resize, so they differ from the torchvision video processor only by the
+resize kernel's rounding (see tests/test_preprocess.py for the tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+TOKEN_TYPE_TEXT, TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO = 0, 1, 2
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Nearest (h, w) divisible by `factor` with min_pixels <= h*w <= max_pixels, aspect kept."""
+    if min(height, width) < 1:
+        raise ValueError(f"image has an empty side: {height}x{width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be below 200, got {height}x{width}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class VisionPreprocessConfig:
+    """One `preprocessor_config.json` (images) or `video_preprocessor_config.json` (videos)."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_json(cls, path: Path, default_min: int, default_max: int) -> "VisionPreprocessConfig":
+        raw = json.loads(path.read_text()) if path.exists() else {}
+        size = raw.get("size") or {}
+        return cls(
+            min_pixels=int(raw.get("min_pixels") or size.get("shortest_edge") or default_min),
+            max_pixels=int(raw.get("max_pixels") or size.get("longest_edge") or default_max),
+            patch_size=int(raw.get("patch_size", 14)),
+            temporal_patch_size=int(raw.get("temporal_patch_size", 2)),
+            merge_size=int(raw.get("merge_size", 2)),
+            image_mean=tuple(raw.get("image_mean", cls.image_mean)),
+            image_std=tuple(raw.get("image_std", cls.image_std)),
+            rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
+        )
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def _to_rgb_uint8(image) -> Image.Image:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"array images must be uint8 HxWxC with C in (1, 3, 4), got {image.dtype} {image.shape}")
+        image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _resize_normalize(frame: Image.Image, size: tuple[int, int], cfg: VisionPreprocessConfig) -> np.ndarray:
+    """PIL bicubic resize of uint8, then float64 rescale -> float32 normalise, as transformers does: (C, H, W)."""
+    height, width = size
+    resized = np.asarray(frame.resize((width, height), resample=Image.Resampling.BICUBIC))
+    pixels = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    return ((pixels - mean) / std).transpose(2, 0, 1)
+
+
+def patchify(frames: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(T, C, H, W) float frames -> (grid_t*grid_h*grid_w, C*tp*p*p) patches in merge order, and grid_thw.
+
+    T is padded to a multiple of the temporal patch by repeating the last frame
+    (a single image becomes `temporal_patch_size` identical frames).
+    """
+    num_frames, channels, height, width = frames.shape
+    tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
+    if pad := -num_frames % tp:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
+    grid_t, grid_h, grid_w = frames.shape[0] // tp, height // p, width // p
+    patches = frames.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
+    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h/m, w/m, m, m, C, tp, p, p
+    return patches.reshape(grid_t * grid_h * grid_w, channels * tp * p * p), (grid_t, grid_h, grid_w)
+
+
+def preprocess_image(image, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    frame = _to_rgb_uint8(image)
+    size = smart_resize(frame.height, frame.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    return patchify(_resize_normalize(frame, size, cfg)[None], cfg)
+
+
+def preprocess_video(frames: Sequence, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`frames`: the already-sampled frames of one video (PIL images or uint8 HxWxC arrays)."""
+    if isinstance(frames, np.ndarray) and frames.ndim == 4:
+        frames = list(frames)
+    if len(frames) == 0:
+        raise ValueError("a video needs at least one frame")
+    frames = [_to_rgb_uint8(f) for f in frames]
+    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    return patchify(np.stack([_resize_normalize(f, size, cfg) for f in frames]), cfg)
+
+
+class QwenVLProcessor:
+    """Drop-in for transformers' Qwen2-VL / Qwen2.5-VL processor, one sample per call.
+
+        processor = QwenVLProcessor.from_pretrained(path)
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        sample = processor(text=[prompt], images=[img], return_tensors="pt")
+    """
+
+    def __init__(self, tokenizer, image_cfg: VisionPreprocessConfig, video_cfg: VisionPreprocessConfig,
+                 with_second_per_grid_ts: bool):
+        self.tokenizer = tokenizer
+        self.image_cfg, self.video_cfg = image_cfg, video_cfg
+        self.with_second_per_grid_ts = with_second_per_grid_ts
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model_type: str | None = None, **tokenizer_kwargs) -> "QwenVLProcessor":
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
+        if model_type is None and (path / "config.json").exists():
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        image_cfg = VisionPreprocessConfig.from_json(path / "preprocessor_config.json", 56 * 56, 28 * 28 * 1280)
+        video_json = path / "video_preprocessor_config.json"
+        video_cfg = (VisionPreprocessConfig.from_json(video_json, 128 * 28 * 28, 28 * 28 * 768)
+                     if video_json.exists() else image_cfg)
+        return cls(tokenizer, image_cfg, video_cfg, with_second_per_grid_ts=model_type == "qwen2_5_vl")
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=tokenize, **kwargs)
+
+    def __call__(self, text, images=None, videos=None, return_tensors: str = "pt", video_fps: float = 2.0) -> dict:
+        """`text`: one prompt (or a one-element list) containing one pad token per image/video.
+
+        `video_fps`: the rate at which the frames were sampled (Qwen2.5-VL turns it into
+        `second_per_grid_ts`, the time step of its temporal positions).
+        """
+        if isinstance(text, (list, tuple)):
+            if len(text) != 1:
+                raise ValueError(f"QwenVLProcessor handles one sample per call; got {len(text)} prompts")
+            text = text[0]
+        if return_tensors != "pt":
+            raise ValueError("QwenVLProcessor returns torch tensors only (return_tensors='pt')")
+        images = list(images or [])
+        videos = list(videos or [])
+        out: dict[str, torch.Tensor] = {}
+        image_tokens: list[int] = []
+        video_tokens: list[int] = []
+        if images:
+            patches, grids = zip(*(preprocess_image(im, self.image_cfg) for im in images))
+            out["pixel_values"] = torch.from_numpy(np.concatenate(patches))
+            out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+            image_tokens = [t * h * w // self.image_cfg.merge_size ** 2 for t, h, w in grids]
+        if videos:
+            patches, grids = zip(*(preprocess_video(v, self.video_cfg) for v in videos))
+            out["pixel_values_videos"] = torch.from_numpy(np.concatenate(patches))
+            out["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+            video_tokens = [t * h * w // self.video_cfg.merge_size ** 2 for t, h, w in grids]
+            if self.with_second_per_grid_ts:
+                out["second_per_grid_ts"] = torch.tensor([self.video_cfg.temporal_patch_size / video_fps] * len(videos))
+        text = _expand_pad_tokens(text, IMAGE_PAD, image_tokens)
+        text = _expand_pad_tokens(text, VIDEO_PAD, video_tokens)
+        input_ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
+        token_type = torch.zeros_like(input_ids, dtype=torch.int32)
+        token_type[input_ids == self.image_token_id] = TOKEN_TYPE_IMAGE
+        token_type[input_ids == self.video_token_id] = TOKEN_TYPE_VIDEO
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "mm_token_type_ids": token_type, **out}
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def _expand_pad_tokens(text: str, pad: str, counts: list[int]) -> str:
+    pieces = text.split(pad)
+    if len(pieces) - 1 != len(counts):
+        kind = "image" if pad == IMAGE_PAD else "video"
+        raise ValueError(f"prompt has {len(pieces) - 1} {pad} token(s) but {len(counts)} {kind}(s) were given; "
+                         f"put one {pad} per {kind} in the prompt (apply_chat_template does this)")
+    expanded = [pieces[0]]
+    for count, piece in zip(counts, pieces[1:]):
+        expanded += [pad * count, piece]
+    return "".join(expanded)

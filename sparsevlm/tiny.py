@@ -1,0 +1,147 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL checkpoints built offline, for tests, demos and CPU benchmarks.
+
+A checkpoint is written exactly like a hub one (`save_pretrained` safetensors, tokenizer
+with chat template, preprocessor configs), so everything downstream goes through the
+real `from_pretrained` path. The tokenizer is a real byte-level BPE trained here on a
+small built-in corpus; weights are random (seeded).
+
+    python -m sparsevlm.tiny qwen2_5_vl /tmp/tiny-qwen25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+_CORPUS = """
+You are a helpful assistant. Describe this image. What is in the picture? Answer with one word.
+What colour is the car on the left? How many people are in the photo? Is there a dog? Read the sign.
+A red square, a blue circle and a green triangle on a grey background. The cat sits on the mat.
+Caption the video. What happens after the ball falls? Which object moves first? yes no left right
+one two three four five six seven eight nine ten small large big tiny bright dark street park
+kitchen table chair window door tree sky water road building person man woman child bird horse
+"""
+
+# Shared by both families: what makes the model tiny.
+TEXT_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
+MROPE_SECTION = [2, 3, 3]  # sums to head_dim / 2 = 8
+PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)  # 4..64 visual tokens per image
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE with Qwen's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS.split("\n"), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=QWEN_VL_CHAT_TEMPLATE)
+
+
+def _model_config(family: str, tokenizer, initializer_range: float):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    text = dict(TEXT_DIMS, vocab_size=len(tokenizer), initializer_range=initializer_range,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": MROPE_SECTION},
+                eos_token_id=eos[0], bos_token_id=eos[1], pad_token_id=eos[1])
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=TEXT_DIMS["hidden_size"], num_heads=2, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=initializer_range)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids), eos
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                      out_hidden_size=TEXT_DIMS["hidden_size"], patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
+                      initializer_range=initializer_range)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), eos
+    raise ValueError(f"unknown tiny family {family!r}; choose qwen2_vl or qwen2_5_vl")
+
+
+def write_preprocessor_configs(path: Path, family: str, min_pixels: int, max_pixels: int) -> None:
+    """The JSON files a hub checkpoint carries, in transformers' own format."""
+    processor_class = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
+    common = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
+                  image_mean=CLIP_MEAN, image_std=CLIP_STD, patch_size=14, temporal_patch_size=2, merge_size=2,
+                  resample=3, size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                  processor_class=processor_class)
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(dict(common, image_processor_type="Qwen2VLImageProcessor"), indent=2))
+    (path / "video_preprocessor_config.json").write_text(
+        json.dumps(dict(common, video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=False), indent=2))
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
+    (path / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
+
+
+def build_tiny_checkpoint(path: str | Path, family: str = "qwen2_5_vl", seed: int = 0,
+                          initializer_range: float = 0.1) -> Path:
+    """Write a random-weight tiny checkpoint of `family` to `path` and return the path.
+
+    `initializer_range` is larger than a real model's so logits are peaked: greedy
+    decoding then has no near-ties, which makes token-exact comparisons meaningful.
+    """
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config, eos = _model_config(family, tokenizer, initializer_range)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], bos_token_id=eos[1],
+                                               do_sample=False)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    write_preprocessor_configs(path, family, **PIXELS)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("family", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(build_tiny_checkpoint(args.path, args.family, args.seed))
+
+
+if __name__ == "__main__":
+    main()
