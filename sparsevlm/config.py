@@ -60,12 +60,16 @@ class EngineConfig:
     max_prefill_tokens: tokens per packed prefill; a bigger batch is split into several
         packs (a single sample longer than this still runs alone, unsplit).
     max_num_seqs: samples decoded together; also bounds how many are admitted at once.
+    max_cache_tokens: KV-cache slots per batch; None = `cache_memory_fraction` of the free
+        GPU memory at the batch's start (1M tokens on CPU).
     attention_backend: "auto" (flash-attn, else torch varlen on CUDA, else SDPA) or a name.
     cuda_graphs: capture decode steps per batch-size bucket on CUDA.
     """
 
     max_prefill_tokens: int = 32768
     max_num_seqs: int = 128
+    max_cache_tokens: int | None = None
+    cache_memory_fraction: float = 0.6
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     graph_batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))

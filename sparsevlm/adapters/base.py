@@ -1,0 +1,88 @@
+"""What the engine needs to know about a model family, and nothing more.
+
+An adapter turns one processor output into a `PreparedSample` (validated, positions
+computed on the host), runs the vision tower over the visual inputs of a whole pack,
+builds the packed input embeddings, and exposes the decoder pieces (layers, final norm,
+lm_head, rotary). Everything else in the engine is family-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PreparedSample:
+    index: int  # position in the caller's list
+    input_ids: torch.Tensor  # (L,) long, host
+    positions: torch.Tensor  # (P, L) long, host: the family's position ids (P = 3 for M-RoPE)
+    next_position: int  # position of the first generated token
+    visual_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel tensors and grids, host
+    num_visual_tokens: int = 0
+    num_vision_patches: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class VisualFeatures:
+    """Vision-tower output for one pack, per placeholder token id, in pack order."""
+
+    by_token_id: dict[int, torch.Tensor] = field(default_factory=dict)  # token id -> (n_tokens, H)
+
+
+class ModelAdapter:
+    """Interface; see adapters/qwen_vl.py for the reference implementation."""
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model):
+        self.model = model
+
+    # -- host side ---------------------------------------------------------------------------------
+    def prepare(self, sample: dict, index: int) -> PreparedSample:
+        raise NotImplementedError
+
+    # -- device side -------------------------------------------------------------------------------
+    def encode_visual(self, samples: list[PreparedSample]) -> VisualFeatures:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, features: VisualFeatures) -> torch.Tensor:
+        """(T,) ids -> (T, H) embeddings with visual placeholders replaced by features."""
+        hidden = self.embed_tokens(input_ids)
+        for token_id, embeds in features.by_token_id.items():
+            mask = (input_ids == token_id)[:, None]
+            hidden = hidden.masked_scatter(mask, embeds.to(hidden.dtype))
+        return hidden
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
+        """hidden (1, T, H), positions (P, T) -> what decoder layers take as `position_embeddings`."""
+        raise NotImplementedError
+
+    def decode_positions(self, next_positions: torch.Tensor) -> torch.Tensor:
+        """(B,) next positions -> (P, B) position ids of one decode step."""
+        raise NotImplementedError
+
+    # -- decoder pieces, set by subclasses ------------------------------------------------------------
+    text_config = None
+    embed_tokens = None
+    layers = None
+    norm = None
+    lm_head = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.text_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or (
+            self.text_config.hidden_size // self.text_config.num_attention_heads)

@@ -1,0 +1,165 @@
+"""Attention inside HF decoder layers: packed varlen prefill and decode over the ragged cache.
+
+We register one function with transformers' `AttentionInterface`; while the engine runs
+a forward (see `packed_attention_enabled`), every decoder layer's attention calls it with
+the post-RoPE q/k/v and our `ForwardContext` (a keyword argument passed to each layer).
+It writes K/V into the ragged cache, then runs the chosen backend. Outside the engine the
+model keeps its own attention implementation, so `model.generate` is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.decode_attention import decode_attention, decode_attention_reference
+
+from .kv_cache import RaggedKVCache
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAME = "sparsevlm_packed"
+
+
+@dataclass
+class PrefillMeta:
+    """One packed prefill: samples concatenated along T."""
+
+    cu_seqlens: torch.Tensor  # (n+1,) int32, on device
+    cu_seqlens_list: list[int]  # the same on the host (the SDPA path slices with it)
+    max_seqlen: int
+    slot_mapping: torch.Tensor  # (T,) long: cache slot of every packed token
+
+
+@dataclass
+class DecodeMeta:
+    """One decode step: one new token per active sample."""
+
+    slot_mapping: torch.Tensor  # (B,) long: where the new token's K/V goes
+    starts: torch.Tensor  # (B,) int32: first cache slot of each sample
+    lengths: torch.Tensor  # (B,) int32: cached tokens including the new one
+
+
+@dataclass
+class ForwardContext:
+    cache: RaggedKVCache
+    backend: "AttentionBackend"
+    prefill: PrefillMeta | None = None
+    decode: DecodeMeta | None = None
+
+
+class AttentionBackend:
+    """Prefill: flash-attn varlen, torch varlen (CUDA) or SDPA per sample. Decode: Triton on CUDA, torch on CPU."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name = name
+        self.device = device
+        if name == "flash_attn":
+            from flash_attn import flash_attn_varlen_func
+
+            self._flash = flash_attn_varlen_func
+        if name == "torch_varlen":
+            from torch.nn.attention.varlen import varlen_attn
+
+            self._varlen = varlen_attn
+            params = inspect.signature(varlen_attn).parameters
+            self._varlen_gqa = "enable_gqa" in params
+            self._varlen_causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+    @classmethod
+    def choose(cls, device: torch.device, requested: str = "auto") -> "AttentionBackend":
+        if requested != "auto":
+            if requested not in ("flash_attn", "torch_varlen", "sdpa"):
+                raise ValueError(f"unknown attention backend {requested!r}; use auto, flash_attn, torch_varlen or sdpa")
+            if requested != "sdpa" and device.type != "cuda":
+                raise ValueError(f"attention backend {requested!r} needs a CUDA device, got {device}")
+            backend = cls(requested, device)
+            reason = "requested"
+        elif device.type != "cuda":
+            backend, reason = cls("sdpa", device), "not on CUDA"
+        else:
+            try:
+                backend, reason = cls("flash_attn", device), "flash-attn is installed"
+            except ImportError:
+                try:
+                    backend, reason = cls("torch_varlen", device), "flash-attn not installed; torch varlen_attn present"
+                except ImportError:
+                    backend, reason = cls("sdpa", device), "neither flash-attn nor torch varlen_attn available"
+        logger.info("attention backend: %s (%s)", backend.name, reason)
+        return backend
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PrefillMeta,
+                scale: float) -> torch.Tensor:
+        """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), causal within each sample."""
+        if self.name == "flash_attn":
+            return self._flash(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                               softmax_scale=scale, causal=True)
+        if self.name == "torch_varlen":
+            if not self._varlen_gqa and k.shape[1] != q.shape[1]:
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            extra = {"enable_gqa": True} if self._varlen_gqa else {}
+            return self._varlen(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                                scale=scale, **self._varlen_causal, **extra)
+        return prefill_attention_reference(q, k, v, meta.cu_seqlens_list, scale)
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
+               scale: float) -> torch.Tensor:
+        if q.device.type == "cuda":
+            return decode_attention(q, k_cache, v_cache, meta.starts, meta.lengths, scale)
+        return decode_attention_reference(q, k_cache, v_cache, meta.starts, meta.lengths, scale)
+
+
+def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                                scale: float) -> torch.Tensor:
+    """Per-sample causal SDPA over a packed stream: the definition the varlen kernels must match."""
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # 1, H, L, D
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                        enable_gqa=True)[0].transpose(0, 1)
+    return out
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     sparsevlm_ctx: ForwardContext | None = None, **kwargs):
+    """transformers attention signature: q (1, Hq, T, D), k/v (1, Hkv, T, D) -> ((1, T, Hq, D), None)."""
+    if sparsevlm_ctx is None:
+        raise RuntimeError("sparsevlm packed attention was called outside VLMEngine; "
+                           "call the model through VLMEngine.generate or use model.generate")
+    ctx = sparsevlm_ctx
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # T, H, D
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if ctx.prefill is not None:
+        ctx.cache.write(module.layer_idx, ctx.prefill.slot_mapping, k, v)
+        out = ctx.backend.prefill(q, k, v, ctx.prefill, scale)
+    else:
+        ctx.cache.write(module.layer_idx, ctx.decode.slot_mapping, k, v)
+        k_cache, v_cache = ctx.cache.layer(module.layer_idx)
+        out = ctx.backend.decode(q.contiguous(), k_cache, v_cache, ctx.decode, scale)
+    return out[None], None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, packed_attention)
+
+
+_register()
+
+
+@contextlib.contextmanager
+def packed_attention_enabled(text_config):
+    """Route the decoder's attention to `packed_attention` for the duration of an engine forward."""
+    previous = text_config._attn_implementation
+    text_config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = previous
