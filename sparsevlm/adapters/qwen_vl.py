@@ -46,6 +46,9 @@ class QwenVLAdapter(ModelAdapter):
                 raise ValueError(f"sample {index}: input_ids has batch size {input_ids.shape[0]}; "
                                  "give one dict per sample (processor called on one prompt)")
             mask = sample.get("attention_mask")
+            if mask is not None and tuple(mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"sample {index}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
+                                 f"shape {tuple(input_ids.shape)}")
             input_ids = input_ids[0]
             if mask is not None:  # drop padding a batched processor call may have added
                 input_ids = input_ids[torch.as_tensor(mask)[0].bool().cpu()]
