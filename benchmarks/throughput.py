@@ -1,0 +1,137 @@
+"""Throughput: HF `generate` (dense, SDPA) vs our engine, in the same process, same inputs.
+
+    python benchmarks/throughput.py                                  # CPU, tiny model, seconds
+    python benchmarks/throughput.py --model qwen2_5_vl_7b \
+        --json benchmarks/results/h100_throughput_dense.json          # GPU, 7B architecture, minutes
+
+HF runs identical samples stacked into batches (no padding: this flatters it) at each
+`--hf-batch-sizes` and its best is the baseline. Our engine gets `--num-samples` distinct
+samples in one `generate` call. Output length is fixed (EOS ignored) so both do the same
+work. Preprocessing is excluded from both (it is the pipeline's CPU stage). Each timing
+is the median of `--repeats` runs after a warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import TINY_SCALE, WORKLOADS, load_model, make_sample, stack_identical  # noqa: E402
+
+from sparsevlm import EngineConfig, SamplingParams, VLMEngine  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median seconds of `repeats` calls after one warm-up; also the last call's result."""
+    fn()
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_hf(model, sample: dict, batch_size: int, max_new_tokens: int, repeats: int, device) -> dict:
+    batch = {k: v.to(device) for k, v in stack_identical(sample, batch_size).items()}
+    reset_peak(device)
+    seconds, _ = timed(lambda: model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                              do_sample=False), device, repeats)
+    return {"system": "hf_generate", "batch_size": batch_size, "seconds": seconds,
+            "samples_per_s": batch_size / seconds, "peak_memory_gb": peak_memory_gb(device)}
+
+
+def run_engine(engine: VLMEngine, samples: list[dict], max_new_tokens: int, repeats: int) -> dict:
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    reset_peak(engine.device)
+    seconds, results = timed(lambda: engine.generate(samples, params), engine.device, repeats)
+    stats = [r.stats for r in results]
+    assert all(s.n_generated_tokens == max_new_tokens for s in stats)
+    return {"system": "engine_dense", "batch_size": len(samples), "seconds": seconds,
+            "samples_per_s": len(samples) / seconds, "peak_memory_gb": peak_memory_gb(engine.device),
+            "vision_s": sum(s.vision_ms for s in stats) / 1e3, "prefill_s": sum(s.prefill_ms for s in stats) / 1e3,
+            "decode_s": sum(s.decode_ms for s in stats) / 1e3,
+            "n_prompt_tokens": stats[0].n_prompt_tokens, "n_visual_tokens": stats[0].n_visual_tokens,
+            "attention_backend": engine.backend.name}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=["tiny", "qwen2_5_vl_7b"])
+    parser.add_argument("--workloads", default="vqa-1024,caption-1024")
+    parser.add_argument("--num-samples", type=int, default=None, help="engine samples per workload "
+                        "(default: 16 on tiny, 128 for VQA and 64 otherwise on 7B)")
+    parser.add_argument("--hf-batch-sizes", default=None, help="comma list (default 1,4 tiny; 1,16,32 on 7B)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--json", type=Path, help="write results here")
+    args = parser.parse_args()
+
+    tiny = args.model == "tiny"
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    model, processor = load_model(args.model, str(device))
+    engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs))
+    hf_batch_sizes = [int(b) for b in (args.hf_batch_sizes or ("1,4" if tiny else "1,16,32")).split(",")]
+    rows = []
+    for name in args.workloads.split(","):
+        workload = WORKLOADS[name]
+        n = args.num_samples or (16 if tiny else (128 if name.startswith("vqa") else 64))
+        scale = TINY_SCALE if tiny else 1
+        samples = [make_sample(processor, workload, seed=i, scale=scale) for i in range(n)]
+        for batch_size in hf_batch_sizes:
+            row = run_hf(model, samples[0], batch_size, workload.max_new_tokens, args.repeats, device)
+            rows.append({"workload": name, **row})
+            print(f"{name:<13} hf_generate  batch {batch_size:>4}: {row['samples_per_s']:8.2f} samples/s", flush=True)
+        row = run_engine(engine, samples, workload.max_new_tokens, args.repeats)
+        best_hf = max(r["samples_per_s"] for r in rows if r["workload"] == name and r["system"] == "hf_generate")
+        row["speedup_vs_hf_best"] = row["samples_per_s"] / best_hf
+        rows.append({"workload": name, **row})
+        print(f"{name:<13} engine_dense batch {n:>4}: {row['samples_per_s']:8.2f} samples/s "
+              f"({row['speedup_vs_hf_best']:.2f}x HF best)", flush=True)
+
+    print(f"\n{'workload':<13} {'system':<13} {'batch':>5} {'samples/s':>10} {'vs HF best':>10} {'peak GB':>8}")
+    for row in rows:
+        best = max(r["samples_per_s"] for r in rows if r["workload"] == row["workload"] and r["system"] == "hf_generate")
+        peak = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] is not None else "-"
+        print(f"{row['workload']:<13} {row['system']:<13} {row['batch_size']:>5} {row['samples_per_s']:>10.2f} "
+              f"{row['samples_per_s'] / best:>9.2f}x {peak:>8}")
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "cuda_graphs": not args.no_cuda_graphs, "rows": rows,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps({"summary": {r["workload"]: round(r["speedup_vs_hf_best"], 2)
+                                  for r in rows if r["system"] == "engine_dense"}}))
+
+
+if __name__ == "__main__":
+    main()

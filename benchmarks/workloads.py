@@ -1,0 +1,106 @@
+"""Benchmark models and workloads (names and shapes from shared/design/BENCHMARKS.md).
+
+Models: "tiny" (the offline test checkpoint, CPU, seconds) or "qwen2_5_vl_7b" (the real
+Qwen2.5-VL-7B architecture with random bf16 weights, built directly on the GPU). Both
+use our offline tokenizer; the 7B model's special-token ids are set to match it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sparsevlm.preprocess import QwenVLProcessor
+from sparsevlm.tiny import build_tiny_checkpoint, build_tokenizer, write_preprocessor_configs
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    image_side: int  # pixels; the image (or every frame) is square
+    num_frames: int  # 0 = image
+    max_new_tokens: int
+
+    @property
+    def is_video(self) -> bool:
+        return self.num_frames > 0
+
+
+WORKLOADS = {w.name: w for w in [
+    Workload("vqa-256", 448, 0, 16),
+    Workload("vqa-1024", 896, 0, 16),
+    Workload("caption-1024", 896, 0, 128),
+    Workload("video-16f", 448, 16, 64),
+]}
+TINY_SCALE = 4  # the tiny model sees images 4x smaller per side (16x fewer visual tokens)
+
+QUESTION = ("Look carefully at the picture and answer the question about the objects, their colours, their "
+            "positions and what the sign in the window says. Answer with one word.")
+
+
+def qwen2_5_vl_7b_config(tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def load_model(name: str, device: str):
+    """-> (model, processor) for "tiny" or "qwen2_5_vl_7b"."""
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    if name == "tiny":
+        path = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", "qwen2_5_vl")
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, device_map=device)
+        return model.eval(), QwenVLProcessor.from_pretrained(path)
+    if name != "qwen2_5_vl_7b":
+        raise ValueError(f"unknown benchmark model {name!r}; use tiny or qwen2_5_vl_7b")
+    folder = Path(tempfile.mkdtemp())
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(folder)
+    write_preprocessor_configs(folder, "qwen2_5_vl", min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    (folder / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    config = qwen2_5_vl_7b_config(tokenizer)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=0, do_sample=False)
+    return model.eval(), QwenVLProcessor.from_pretrained(folder)
+
+
+def make_sample(processor, workload: Workload, seed: int, scale: int = 1) -> dict:
+    """One sample of `workload` with a random image (or frames) seeded by `seed`."""
+    rng = np.random.default_rng(seed)
+    side = workload.image_side // scale
+    picture = lambda: Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))  # noqa: E731
+    kind = "video" if workload.is_video else "image"
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": QUESTION}]}])
+    if workload.is_video:
+        return processor(text=[prompt], videos=[[picture() for _ in range(workload.num_frames)]])
+    return processor(text=[prompt], images=[picture()])
+
+
+def stack_identical(sample: dict, batch_size: int) -> dict:
+    """A `model.generate` batch of `batch_size` copies of one sample (no padding needed)."""
+    batched = {}
+    for key, value in sample.items():
+        if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            batched[key] = value.repeat(batch_size, 1)
+        else:
+            batched[key] = torch.cat([value] * batch_size)
+    return batched
