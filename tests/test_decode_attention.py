@@ -7,7 +7,8 @@ import torch
 
 from kernels.decode_attention import decode_attention, decode_attention_reference
 
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the Triton interpreter (conftest)
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def ragged_case(num_q_heads, num_kv_heads, head_dim, lengths, dtype, device, seed):
@@ -35,13 +36,13 @@ def check(dtype, device, num_q_heads, num_kv_heads, head_dim, lengths, seed=0):
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (4, 2), (7, 1), (28, 4)])
 @pytest.mark.parametrize("lengths", [[1], [5, 0, 70], [17, 64, 65, 3, 129]])
-def test_matches_reference_cpu(num_q_heads, num_kv_heads, lengths):
-    check(torch.float32, "cpu", num_q_heads, num_kv_heads, 16, lengths, seed=len(lengths) + num_q_heads)
+def test_matches_reference_small_heads(num_q_heads, num_kv_heads, lengths):
+    check(torch.float32, DEVICE, num_q_heads, num_kv_heads, 16, lengths, seed=len(lengths) + num_q_heads)
 
 
 def test_empty_sample_gives_zeros():
-    q, k, v, starts, _ = ragged_case(4, 2, 16, [3, 4], torch.float32, "cpu", 0)
-    out = decode_attention(q, k, v, starts, torch.tensor([0, 4], dtype=torch.int32), 0.25)
+    q, k, v, starts, _ = ragged_case(4, 2, 16, [3, 4], torch.float32, DEVICE, 0)
+    out = decode_attention(q, k, v, starts, torch.tensor([0, 4], dtype=torch.int32, device=DEVICE), 0.25)
     assert torch.all(out[0] == 0)
 
 
