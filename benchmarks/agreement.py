@@ -52,6 +52,12 @@ def main() -> None:
                              min_new_tokens=params.max_new_tokens, do_sample=False)
         reference.append(out[0, sample["input_ids"].shape[1]:].tolist())
     prefixes = [common_prefix(a, b) for a, b in zip(ours, reference)]
+    # how close the reference's top two first-step logits are: a flip is expected only on near-ties
+    gaps = []
+    for sample in samples:
+        logits = model(**{k: v.to(device) for k, v in sample.items()}).logits[0, -1].float()
+        top2 = logits.topk(2).values
+        gaps.append(round((top2[0] - top2[1]).item(), 5))
     report = {
         "command": " ".join(["python", *sys.argv]), "model": args.model, "workload": args.workload,
         "dtype": str(model.dtype), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -59,6 +65,8 @@ def main() -> None:
         "first_token_agreement": sum(p > 0 for p in prefixes) / len(samples),
         "exact_sequence_agreement": sum(p == params.max_new_tokens for p in prefixes) / len(samples),
         "mean_common_prefix": sum(prefixes) / len(samples),
+        "first_step_top2_logit_gap": gaps,
+        "first_token_match": [p > 0 for p in prefixes],
         "token_agreement": sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(ours, reference))
         / (len(samples) * params.max_new_tokens),
     }

@@ -35,7 +35,7 @@ def _decode_attention_kernel(Q, K, V, Out, Starts, Lengths, scale,
                              stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                              stride_ob, stride_oh,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     start = tl.load(Starts + b).to(tl.int64)
@@ -54,13 +54,13 @@ def _decode_attention_kernel(Q, K, V, Out, Starts, Lengths, scale,
         rows = start + n
         k = tl.load(K + rows[:, None] * stride_kn + kv_head * stride_kh + d[None, :], mask=n_valid[:, None], other=0.0)
         v = tl.load(V + rows[:, None] * stride_vn + kv_head * stride_vh + d[None, :], mask=n_valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # GROUP_PAD, BLOCK_N
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # GROUP_PAD, BLOCK_N
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
     out = acc / tl.maximum(l_i, 1e-30)[:, None]  # an empty sample (length 0) gives zeros
     tl.store(Out + b * stride_ob + q_heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
@@ -94,5 +94,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
     )
     return out

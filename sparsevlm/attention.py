@@ -24,6 +24,9 @@ from .kv_cache import RaggedKVCache
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "sparsevlm_packed"
+# transformers' Qwen-VL vision towers hand cu_seqlens to the attention function only when its
+# name contains "flash"; otherwise they loop over every window in Python (~100 ms per image).
+VISION_ATTENTION_NAME = "sparsevlm_varlen_flash"
 
 
 @dataclass
@@ -96,17 +99,24 @@ class AttentionBackend:
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PrefillMeta,
                 scale: float) -> torch.Tensor:
         """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), causal within each sample."""
+        return self.varlen(q, k, v, meta.cu_seqlens, meta.cu_seqlens_list, meta.max_seqlen, scale, causal=True)
+
+    def varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               cu_seqlens_list: list[int] | None, max_seqlen: int, scale: float, causal: bool) -> torch.Tensor:
         if self.name == "flash_attn":
-            return self._flash(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-                               softmax_scale=scale, causal=True)
+            return self._flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
+                               causal=causal)
         if self.name == "torch_varlen":
             if not self._varlen_gqa and k.shape[1] != q.shape[1]:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
             extra = {"enable_gqa": True} if self._varlen_gqa else {}
-            return self._varlen(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-                                scale=scale, **self._varlen_causal, **extra)
-        return prefill_attention_reference(q, k, v, meta.cu_seqlens_list, scale)
+            if causal:
+                extra.update(self._varlen_causal)
+            return self._varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **extra)
+        if cu_seqlens_list is None:
+            cu_seqlens_list = cu_seqlens.tolist()
+        return prefill_attention_reference(q, k, v, cu_seqlens_list, scale, causal=causal)
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
                scale: float) -> torch.Tensor:
@@ -116,12 +126,12 @@ class AttentionBackend:
 
 
 def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                                scale: float) -> torch.Tensor:
-    """Per-sample causal SDPA over a packed stream: the definition the varlen kernels must match."""
+                                scale: float, causal: bool = True) -> torch.Tensor:
+    """Per-sample SDPA over a packed stream: the definition the varlen kernels must match."""
     out = torch.empty_like(q)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # 1, H, L, D
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale,
                                                         enable_gqa=True)[0].transpose(0, 1)
     return out
 
@@ -145,21 +155,35 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out[None], None
 
 
+def vision_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            cu_seq_lens_q=None, max_length_q=None, sparsevlm_backend: AttentionBackend | None = None,
+                            **kwargs):
+    """Bidirectional varlen attention for the vision tower: q/k/v (1, H, T, D) -> ((1, T, H, D), None)."""
+    if sparsevlm_backend is None or cu_seq_lens_q is None:
+        raise RuntimeError("sparsevlm vision attention needs cu_seqlens and a backend; run it through VLMEngine")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    cu_seqlens = cu_seq_lens_q.to(torch.int32)
+    out = sparsevlm_backend.varlen(q, k, v, cu_seqlens, None, int(max_length_q), scale, causal=False)
+    return out[None], None
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, packed_attention)
+    AttentionInterface.register(VISION_ATTENTION_NAME, vision_varlen_attention)
 
 
 _register()
 
 
 @contextlib.contextmanager
-def packed_attention_enabled(text_config):
-    """Route the decoder's attention to `packed_attention` for the duration of an engine forward."""
-    previous = text_config._attn_implementation
-    text_config._attn_implementation = ATTENTION_NAME
+def attention_implementation(config, name: str = ATTENTION_NAME):
+    """Route the attention of modules built from `config` to our function `name` for one engine forward."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
     try:
         yield
     finally:
-        text_config._attn_implementation = previous
+        config._attn_implementation = previous

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapters import ModelAdapter, PreparedSample, adapter_class_for
-from .attention import AttentionBackend, DecodeMeta, ForwardContext, PrefillMeta, packed_attention_enabled
+from .attention import AttentionBackend, DecodeMeta, ForwardContext, PrefillMeta, attention_implementation
 from .config import EngineConfig, SamplingParams, SparsityConfig
 from .decode_graphs import DecodeGraphs
 from .kv_cache import RaggedKVCache
@@ -157,7 +157,7 @@ class VLMEngine:
 
     def _prefill(self, pack: list[_Running], cache: RaggedKVCache) -> None:
         started = self._now()
-        features = self.adapter.encode_visual([r.sample for r in pack])
+        features = self.adapter.encode_visual([r.sample for r in pack], self.backend)
         vision_done = self._now()
         lengths = [r.sample.num_tokens for r in pack]
         cu_seqlens = [0]
@@ -212,7 +212,7 @@ class VLMEngine:
         return self.adapter.lm_head(self.adapter.norm(hidden[0]))
 
     def _run_layers(self, hidden: torch.Tensor, position_embeddings, ctx: ForwardContext) -> torch.Tensor:
-        with packed_attention_enabled(self.adapter.text_config):
+        with attention_implementation(self.adapter.text_config):
             for layer in self.adapter.layers:
                 hidden = layer(hidden, attention_mask=None, position_ids=None, past_key_values=None,
                                use_cache=False, position_embeddings=position_embeddings, sparsevlm_ctx=ctx)

@@ -48,3 +48,16 @@ def test_gpu_backend_equals_naive(lengths):
     q, k, v, meta = packed_case(lengths, 28, 4, 128, torch.bfloat16, "cuda")
     got = backend.prefill(q, k, v, meta, 128 ** -0.5).float()
     torch.testing.assert_close(got, naive_causal(q, k, v, meta.cu_seqlens_list, 128 ** -0.5), atol=2e-2, rtol=2e-2)
+
+
+def test_vision_tower_runs_varlen_not_a_window_loop(engine, monkeypatch):
+    """transformers loops over vision windows in Python unless its attention is varlen: ours must be."""
+    from helpers import mixed_samples
+
+    calls = []
+    original = AttentionBackend.varlen
+    monkeypatch.setattr(AttentionBackend, "varlen",
+                        lambda self, *a, **kw: calls.append(kw["causal"]) or original(self, *a, **kw))
+    engine.generate(mixed_samples(engine.processor)[:2])
+    depth = engine.model.config.vision_config.depth
+    assert calls.count(False) == depth  # one bidirectional varlen call per vision block for the whole pack

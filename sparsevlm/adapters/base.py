@@ -48,7 +48,7 @@ class ModelAdapter:
         raise NotImplementedError
 
     # -- device side -------------------------------------------------------------------------------
-    def encode_visual(self, samples: list[PreparedSample]) -> VisualFeatures:
+    def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         raise NotImplementedError
 
     def embed(self, input_ids: torch.Tensor, features: VisualFeatures) -> torch.Tensor:

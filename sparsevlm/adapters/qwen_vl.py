@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import VISION_ATTENTION_NAME, attention_implementation
 from ..preprocess import TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO
 from .base import ModelAdapter, PreparedSample, VisualFeatures
 
@@ -97,8 +98,8 @@ class QwenVLAdapter(ModelAdapter):
                               next_position=int(positions.max()) + 1, visual_inputs=visual_inputs,
                               num_visual_tokens=num_visual_tokens, num_vision_patches=num_patches)
 
-    def encode_visual(self, samples: list[PreparedSample]) -> VisualFeatures:
-        """One vision-tower call per kind over all images (videos) of the pack."""
+    def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
+        """One vision-tower call per kind over all images (videos) of the pack, varlen attention."""
         features = VisualFeatures()
         device, dtype = self.lm_head.weight.device, self.visual.dtype
         for token_type, pixel_key, grid_key, _ in _VISUAL_KINDS:
@@ -107,7 +108,9 @@ class QwenVLAdapter(ModelAdapter):
                 continue
             pixels = torch.cat([v[pixel_key] for v in chosen]).to(device=device, dtype=dtype, non_blocking=True)
             grid = torch.cat([v[grid_key] for v in chosen]).to(device)
-            features.by_token_id[self.token_ids[token_type]] = self.visual(pixels, grid_thw=grid).pooler_output
+            with attention_implementation(self.visual.config, VISION_ATTENTION_NAME):
+                output = self.visual(pixels, grid_thw=grid, sparsevlm_backend=backend)
+            features.by_token_id[self.token_ids[token_type]] = output.pooler_output
         return features
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
