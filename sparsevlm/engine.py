@@ -118,12 +118,10 @@ class VLMEngine:
         """Generate for every sample; results come back in input order.
 
         `params`: one SamplingParams for all samples or one per sample. `sparsity`
-        overrides the engine's default for this call.
+        overrides the engine's default for this call (only "none" exists so far).
         """
         if isinstance(samples, dict):
             raise TypeError("generate takes a list of samples (one processor output dict each)")
-        if sparsity is not None and sparsity.method != "none":
-            raise ValueError(f"sparsity method {sparsity.method!r} is not available in this engine")
         params_list = self._params_per_sample(params, len(samples))
         prepared = [self.adapter.prepare(sample, i) for i, sample in enumerate(samples)]
         capacities = [s.num_tokens + p.max_new_tokens for s, p in zip(prepared, params_list)]
