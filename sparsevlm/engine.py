@@ -56,6 +56,7 @@ class _Running:
 
     def commit(self, token: int) -> None:
         self.tokens.append(token)
+        self.stats.n_generated_tokens = len(self.tokens)
         if token in self.stop_ids:
             self.stats.finish_reason = "stop"
         elif len(self.tokens) >= self.params.max_new_tokens:
@@ -179,7 +180,6 @@ class VLMEngine:
             r.stats.vision_ms += v_ms
             r.stats.prefill_ms += p_ms
             r.commit(token)
-            r.stats.n_generated_tokens = len(r.tokens)
 
     def _decode_step(self, batch: list[_Running], cache: RaggedKVCache) -> None:
         started = time.perf_counter()
@@ -198,7 +198,6 @@ class VLMEngine:
         for r, token in zip(batch, next_tokens):
             r.stats.decode_ms += step_ms / len(batch)
             r.commit(token)
-            r.stats.n_generated_tokens = len(r.tokens)
 
     def decode_logits(self, cache: RaggedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
                       slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
