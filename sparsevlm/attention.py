@@ -31,21 +31,23 @@ VISION_ATTENTION_NAME = "sparsevlm_varlen_flash"
 
 @dataclass
 class PrefillMeta:
-    """One packed prefill: samples concatenated along T."""
+    """One layer of a packed prefill: samples concatenated along T (T shrinks after pruning)."""
 
     cu_seqlens: torch.Tensor  # (n+1,) int32, on device
     cu_seqlens_list: list[int]  # the same on the host (the SDPA path slices with it)
     max_seqlen: int
-    slot_mapping: torch.Tensor  # (T,) long: cache slot of every packed token
+    slot_mapping: torch.Tensor  # (T,) long: cache slot of every packed token at this layer
+    capture: bool = False  # keep this layer's post-RoPE q, k (a pruning layer scores with them)
+    captured: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
 class DecodeMeta:
-    """One decode step: one new token per active sample."""
+    """One decode step: one new token per active sample; every layer has its own cache lengths."""
 
-    slot_mapping: torch.Tensor  # (B,) long: where the new token's K/V goes
-    starts: torch.Tensor  # (B,) int32: first cache slot of each sample
-    lengths: torch.Tensor  # (B,) int32: cached tokens including the new one
+    slot_mapping: torch.Tensor  # (L, B) long: where the new token's K/V goes, per layer
+    starts: torch.Tensor  # (L, B) int32: first cache slot of each sample, per layer
+    lengths: torch.Tensor  # (L, B) int32: cached tokens including the new one, per layer
 
 
 @dataclass
@@ -118,11 +120,11 @@ class AttentionBackend:
             cu_seqlens_list = cu_seqlens.tolist()
         return prefill_attention_reference(q, k, v, cu_seqlens_list, scale, causal=causal)
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
-               scale: float) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, starts: torch.Tensor,
+               lengths: torch.Tensor, scale: float) -> torch.Tensor:
         if q.device.type == "cuda":
-            return decode_attention(q, k_cache, v_cache, meta.starts, meta.lengths, scale)
-        return decode_attention_reference(q, k_cache, v_cache, meta.starts, meta.lengths, scale)
+            return decode_attention(q, k_cache, v_cache, starts, lengths, scale)
+        return decode_attention_reference(q, k_cache, v_cache, starts, lengths, scale)
 
 
 def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
@@ -146,12 +148,15 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # T, H, D
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if ctx.prefill is not None:
-        ctx.cache.write(module.layer_idx, ctx.prefill.slot_mapping, k, v)
+        ctx.cache.write(ctx.prefill.slot_mapping, k, v)
         out = ctx.backend.prefill(q, k, v, ctx.prefill, scale)
+        if ctx.prefill.capture:
+            ctx.prefill.captured = (q, k)
     else:
-        ctx.cache.write(module.layer_idx, ctx.decode.slot_mapping, k, v)
-        k_cache, v_cache = ctx.cache.layer(module.layer_idx)
-        out = ctx.backend.decode(q.contiguous(), k_cache, v_cache, ctx.decode, scale)
+        layer, meta = module.layer_idx, ctx.decode
+        ctx.cache.write(meta.slot_mapping[layer], k, v)
+        out = ctx.backend.decode(q.contiguous(), ctx.cache.keys, ctx.cache.values, meta.starts[layer],
+                                 meta.lengths[layer], scale)
     return out[None], None
 
 

@@ -31,7 +31,7 @@ class DecodeGraphs:
         return batch_size <= self.buckets[-1]
 
     def run(self, cache, tokens, positions, slots, starts, lengths) -> torch.Tensor:
-        """Host tensors (B,) in, device logits (B, V) out."""
+        """Host tensors in (tokens, positions (B,); slots, starts, lengths (L, B)), device logits (B, V) out."""
         batch = tokens.shape[0]
         bucket = next(b for b in self.buckets if b >= batch)
         key = (bucket, cache.pool.data_ptr())
@@ -47,19 +47,20 @@ class DecodeGraphs:
         fill = {"tokens": 0, "positions": 0, "slots": cache.spare_slot, "starts": cache.spare_slot, "lengths": 0}
         for name, value in host.items():
             if pad:
-                value = torch.cat([value, torch.full((pad,), fill[name], dtype=value.dtype)])
+                value = torch.cat([value, torch.full((*value.shape[:-1], pad), fill[name], dtype=value.dtype)], dim=-1)
             graph.inputs[name].copy_(value.pin_memory(), non_blocking=True)
         graph.graph.replay()
         return graph.logits[:batch]
 
     def _capture(self, cache, bucket: int) -> _Graph:
         device = self.engine.device
+        layers = self.engine.adapter.num_layers
         inputs = {
             "tokens": torch.zeros(bucket, dtype=torch.long, device=device),
             "positions": torch.zeros(bucket, dtype=torch.long, device=device),
-            "slots": torch.full((bucket,), cache.spare_slot, dtype=torch.long, device=device),
-            "starts": torch.full((bucket,), cache.spare_slot, dtype=torch.int32, device=device),
-            "lengths": torch.zeros(bucket, dtype=torch.int32, device=device),
+            "slots": torch.full((layers, bucket), cache.spare_slot, dtype=torch.long, device=device),
+            "starts": torch.full((layers, bucket), cache.spare_slot, dtype=torch.int32, device=device),
+            "lengths": torch.zeros(layers, bucket, dtype=torch.int32, device=device),
         }
         args = (cache, inputs["tokens"], inputs["positions"], inputs["slots"], inputs["starts"], inputs["lengths"])
         stream = torch.cuda.Stream(device)

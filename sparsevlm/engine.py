@@ -25,6 +25,9 @@ from .decode_graphs import DecodeGraphs
 from .kv_cache import RaggedKVCache
 from .packing import group_consecutive
 from .preprocess import QwenVLProcessor
+from .pruning.pack import PrunedPack
+from .pruning.schedule import SamplePlan, plan_sample, prefill_flops
+from .pruning.scoring import VisualScorer
 from .sampling import make_generator, select_tokens
 from .stats import SampleStats, split_time
 
@@ -44,8 +47,9 @@ class _Running:
 
     sample: PreparedSample
     params: SamplingParams
+    plan: SamplePlan
     generator: torch.Generator | None
-    cache_start: int
+    cache_starts: list[int]  # first cache slot at each layer
     stop_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)
     stats: SampleStats = field(default_factory=SampleStats)
@@ -119,80 +123,128 @@ class VLMEngine:
         """Generate for every sample; results come back in input order.
 
         `params`: one SamplingParams for all samples or one per sample. `sparsity`
-        overrides the engine's default for this call (only "none" exists so far).
+        overrides the engine's default SparsityConfig for this call.
         """
         if isinstance(samples, dict):
             raise TypeError("generate takes a list of samples (one processor output dict each)")
+        sparsity = sparsity or self.sparsity
         params_list = self._params_per_sample(params, len(samples))
         prepared = [self.adapter.prepare(sample, i) for i, sample in enumerate(samples)]
-        capacities = [s.num_tokens + p.max_new_tokens for s, p in zip(prepared, params_list)]
+        num_layers = self.adapter.num_layers
+        plans = [plan_sample(sparsity, num_layers, s.num_visual_tokens) for s in prepared]
+        capacities = [self._layer_capacities(s, plan, p.max_new_tokens)
+                      for s, plan, p in zip(prepared, plans, params_list)]
         results: list[GenerationResult | None] = [None] * len(samples)
-        for batch in group_consecutive(capacities, self.config.max_num_seqs, self._max_cache_tokens()):
+        budget = self._max_cache_tokens() * num_layers
+        for batch in group_consecutive([sum(c) for c in capacities], self.config.max_num_seqs, budget):
             running = self._run_batch([prepared[i] for i in batch], [params_list[i] for i in batch],
-                                      [capacities[i] for i in batch])
+                                      [plans[i] for i in batch], [capacities[i] for i in batch], sparsity)
             for r in running:
                 text = self.processor.decode(r.tokens, skip_special_tokens=True)
                 results[r.sample.index] = GenerationResult(token_ids=r.tokens, text=text, stats=r.stats)
         return results
 
     # -- one batch: allocate, prefill packs, decode ---------------------------------------------------
-    def _run_batch(self, samples: list[PreparedSample], params: list[SamplingParams],
-                   capacities: list[int]) -> list[_Running]:
-        cache = RaggedKVCache(self.adapter.num_layers, capacities, self.adapter.num_kv_heads, self.adapter.head_dim,
-                              self.dtype, self.device, spare_slots=1, reuse=self._pool)
+    @staticmethod
+    def _layer_capacities(sample: PreparedSample, plan: SamplePlan, max_new_tokens: int) -> list[int]:
+        """Cache slots the sample needs at each layer: what the layer sees of the prompt, plus new tokens."""
+        text = sample.num_tokens - sample.num_visual_tokens
+        return [text + visual + max_new_tokens for visual in plan.visual_per_layer]
+
+    def _run_batch(self, samples: list[PreparedSample], params: list[SamplingParams], plans: list[SamplePlan],
+                   capacities: list[list[int]], sparsity: SparsityConfig) -> list[_Running]:
+        by_layer = [list(per_layer) for per_layer in zip(*capacities)]
+        cache = RaggedKVCache(by_layer, self.adapter.num_kv_heads, self.adapter.head_dim, self.dtype, self.device,
+                              spare_slots=1, reuse=self._pool)
         self._pool = cache.pool
         running = []
-        for sample, p, start in zip(samples, params, cache.starts):
+        for b, (sample, p, plan) in enumerate(zip(samples, params, plans)):
             self._sample_counter += 1
             stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
-            running.append(_Running(sample, p, make_generator(p, self.device, self._sample_counter), start, stop_ids))
-            running[-1].stats.n_prompt_tokens = sample.num_tokens
-            running[-1].stats.n_visual_tokens = sample.num_visual_tokens
+            starts = [cache.starts[layer][b] for layer in range(self.adapter.num_layers)]
+            r = _Running(sample, p, plan, make_generator(p, self.device, self._sample_counter), starts, stop_ids)
+            self._fill_plan_stats(r, sparsity)
+            running.append(r)
         for pack in group_consecutive([s.num_tokens for s in samples], len(samples), self.config.max_prefill_tokens):
-            self._prefill([running[i] for i in pack], cache)
-        while active := [r for r in running if not r.done]:
-            self._decode_step(active, cache)
+            self._prefill([running[i] for i in pack], cache, sparsity)
+        layer_starts = torch.tensor([r.cache_starts for r in running], dtype=torch.int32).T  # L, B
+        prompt_lengths = torch.tensor([self._layer_capacities(r.sample, r.plan, 0) for r in running],
+                                      dtype=torch.int32).T  # L, B: prompt tokens each layer cached
+        while active := [i for i, r in enumerate(running) if not r.done]:
+            self._decode_step([running[i] for i in active], cache, layer_starts[:, active], prompt_lengths[:, active])
         return running
 
-    def _prefill(self, pack: list[_Running], cache: RaggedKVCache) -> None:
+    def _fill_plan_stats(self, r: _Running, sparsity: SparsityConfig) -> None:
+        stats, plan, sample = r.stats, r.plan, r.sample
+        stats.n_prompt_tokens = sample.num_tokens
+        stats.n_visual_tokens = sample.num_visual_tokens
+        stats.method = sparsity.label
+        stats.n_visual_tokens_kept = plan.final_visual
+        stats.kept_per_pruning_layer = {step.layer: step.keep + step.n_clusters for step in plan.steps}
+        stats.equiv_visual_tokens = plan.equivalent_visual_tokens
+        text = sample.num_tokens - sample.num_visual_tokens
+        stats.prefill_flops = prefill_flops(self.adapter.text_config, text, plan.visual_per_layer)
+        stats.prefill_flops_dense = prefill_flops(self.adapter.text_config, text,
+                                                  (sample.num_visual_tokens,) * self.adapter.num_layers)
+
+    def _prefill(self, pack: list[_Running], cache: RaggedKVCache, sparsity: SparsityConfig) -> None:
         started = self._now()
-        features = self.adapter.encode_visual([r.sample for r in pack], self.backend)
+        samples = [r.sample for r in pack]
+        features = self.adapter.encode_visual(samples, self.backend)
         vision_done = self._now()
-        lengths = [r.sample.num_tokens for r in pack]
-        cu_seqlens = [0]
-        for length in lengths:
-            cu_seqlens.append(cu_seqlens[-1] + length)
-        slots = torch.cat([torch.arange(r.cache_start, r.cache_start + n) for r, n in zip(pack, lengths)])
-        input_ids = self._to_device(torch.cat([r.sample.input_ids for r in pack]))
-        positions = self._to_device(torch.cat([r.sample.positions for r in pack], dim=1))
-        meta = PrefillMeta(cu_seqlens=self._to_device(torch.tensor(cu_seqlens, dtype=torch.int32)),
-                           cu_seqlens_list=cu_seqlens, max_seqlen=max(lengths), slot_mapping=self._to_device(slots))
-        hidden = self.adapter.embed(input_ids, features)[None]  # 1, T, H
-        position_embeddings = self.adapter.rotary(hidden, positions)
-        hidden = self._run_layers(hidden, position_embeddings, ForwardContext(cache, self.backend, prefill=meta))
-        last = self._to_device(torch.tensor(cu_seqlens[1:]) - 1)
-        logits = self.adapter.lm_head(self.adapter.norm(hidden[0, last])).float()
+        stream = PrunedPack(samples, [r.plan for r in pack], self.device)
+        input_ids = self._to_device(torch.cat([s.input_ids for s in samples]))
+        positions = self._to_device(torch.cat([s.positions for s in samples], dim=1))
+        layer_starts = self._to_device(torch.tensor([r.cache_starts for r in pack], dtype=torch.long).T)  # L, S
+        hidden = self.adapter.embed(input_ids, features)  # T, H
+        scorer = None
+        if stream.pruning_layers:
+            scorer = VisualScorer(sparsity, samples, stream, hidden,
+                                  self.adapter.rope_tables() if sparsity.method == "sparsevlm_v2" else None)
+        rotary = self.adapter.rotary(hidden[None], positions)
+        ctx = ForwardContext(cache, self.backend)
+        with attention_implementation(self.adapter.text_config):
+            for layer_idx, layer in enumerate(self.adapter.layers):
+                cu_seqlens = stream.cu_seqlens
+                ctx.prefill = PrefillMeta(
+                    cu_seqlens=self._to_device(torch.tensor(cu_seqlens, dtype=torch.int32)),
+                    cu_seqlens_list=cu_seqlens, max_seqlen=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
+                    slot_mapping=stream.slot_mapping(layer_starts[layer_idx]),
+                    capture=layer_idx in stream.pruning_layers and sparsity.method != "random")
+                hidden = self._layer(layer, hidden[None], rotary, ctx)[0]
+                if layer_idx in stream.pruning_layers:
+                    q, k = ctx.prefill.captured or (None, None)
+                    vis_rows = stream.visual_rows()
+                    scale = self.adapter.attention_scale
+                    scores = scorer.scores(stream, vis_rows, q, k, positions, scale)
+                    hidden, positions, rotary = stream.prune(layer_idx, scores, vis_rows, hidden, positions, rotary)
+        last = self._to_device(torch.tensor(stream.cu_seqlens[1:]) - 1)
+        logits = self.adapter.lm_head(self.adapter.norm(hidden[last])).float()
         tokens = select_tokens(logits, [r.params for r in pack], [r.generator for r in pack]).tolist()
+        kept_positions = stream.kept_visual_positions()
         finished = self._now()
-        vision_ms = split_time(1e3 * (vision_done - started), [r.sample.num_vision_patches for r in pack])
-        prefill_ms = split_time(1e3 * (finished - vision_done), lengths)
-        for r, token, v_ms, p_ms in zip(pack, tokens, vision_ms, prefill_ms):
+        vision_ms = split_time(1e3 * (vision_done - started), [s.num_vision_patches for s in samples])
+        prefill_ms = split_time(1e3 * (finished - vision_done), [s.num_tokens for s in samples])
+        for r, token, v_ms, p_ms, kept in zip(pack, tokens, vision_ms, prefill_ms, kept_positions):
             r.stats.vision_ms += v_ms
             r.stats.prefill_ms += p_ms
+            r.stats.kept_visual_positions = kept
             r.commit(token)
 
-    def _decode_step(self, batch: list[_Running], cache: RaggedKVCache) -> None:
+    def _decode_step(self, batch: list[_Running], cache: RaggedKVCache, layer_starts: torch.Tensor,
+                     prompt_lengths: torch.Tensor) -> None:
+        """layer_starts, prompt_lengths: (L, B) int32 host tensors of the active samples."""
         started = time.perf_counter()
         tokens = torch.tensor([r.tokens[-1] for r in batch])
-        n_cached = [r.sample.num_tokens + len(r.tokens) - 1 for r in batch]  # before this step's token
+        generated = torch.tensor([len(r.tokens) for r in batch], dtype=torch.int32)  # the new token included
         positions = torch.tensor([r.sample.next_position + len(r.tokens) - 1 for r in batch])
-        slots = torch.tensor([r.cache_start + n for r, n in zip(batch, n_cached)])
-        starts = torch.tensor([r.cache_start for r in batch], dtype=torch.int32)
-        lengths = torch.tensor([n + 1 for n in n_cached], dtype=torch.int32)
+        lengths = prompt_lengths + generated[None, :]
+        slots = (layer_starts + lengths - 1).long()
         if self._graphs is not None and self._graphs.fits(len(batch)):
-            logits = self._graphs.run(cache, tokens, positions, slots, starts, lengths)
+            logits = self._graphs.run(cache, tokens, positions, slots, layer_starts, lengths)
         else:
-            logits = self.decode_logits(cache, *(self._to_device(t) for t in (tokens, positions, slots, starts, lengths)))
+            logits = self.decode_logits(cache, *(self._to_device(t.contiguous())
+                                                 for t in (tokens, positions, slots, layer_starts, lengths)))
         next_tokens = select_tokens(logits.float(), [r.params for r in batch], [r.generator for r in batch]).tolist()
         step_ms = 1e3 * (time.perf_counter() - started)  # .tolist() synchronised the device
         for r, token in zip(batch, next_tokens):
@@ -201,19 +253,20 @@ class VLMEngine:
 
     def decode_logits(self, cache: RaggedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
                       slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """One decode step on device tensors (B,) -> logits (B, V). Graph-capturable: no host syncs."""
+        """One decode step on device tensors -> logits (B, V). tokens, positions (B,); slots,
+        starts, lengths (L, B) per layer. Graph-capturable: no host syncs."""
         hidden = self.adapter.embed_tokens(tokens)[None]  # 1, B, H
-        position_embeddings = self.adapter.rotary(hidden, self.adapter.decode_positions(positions))
-        meta = DecodeMeta(slot_mapping=slots, starts=starts, lengths=lengths)
-        hidden = self._run_layers(hidden, position_embeddings, ForwardContext(cache, self.backend, decode=meta))
-        return self.adapter.lm_head(self.adapter.norm(hidden[0]))
-
-    def _run_layers(self, hidden: torch.Tensor, position_embeddings, ctx: ForwardContext) -> torch.Tensor:
+        rotary = self.adapter.rotary(hidden, self.adapter.decode_positions(positions))
+        ctx = ForwardContext(cache, self.backend, decode=DecodeMeta(slot_mapping=slots, starts=starts, lengths=lengths))
         with attention_implementation(self.adapter.text_config):
             for layer in self.adapter.layers:
-                hidden = layer(hidden, attention_mask=None, position_ids=None, past_key_values=None,
-                               use_cache=False, position_embeddings=position_embeddings, sparsevlm_ctx=ctx)
-        return hidden
+                hidden = self._layer(layer, hidden, rotary, ctx)
+        return self.adapter.lm_head(self.adapter.norm(hidden[0]))
+
+    @staticmethod
+    def _layer(layer, hidden: torch.Tensor, rotary, ctx: ForwardContext) -> torch.Tensor:
+        return layer(hidden, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                     position_embeddings=rotary, sparsevlm_ctx=ctx)
 
     # -- helpers --------------------------------------------------------------------------------------
     def _params_per_sample(self, params, n: int) -> list[SamplingParams]:
@@ -229,8 +282,8 @@ class VLMEngine:
     def _max_cache_tokens(self) -> int:
         if self.config.max_cache_tokens is not None:
             return self.config.max_cache_tokens
-        per_token = RaggedKVCache.bytes_per_token(self.adapter.num_layers, self.adapter.num_kv_heads,
-                                                  self.adapter.head_dim, self.dtype)
+        per_token = self.adapter.num_layers * RaggedKVCache.bytes_per_slot(self.adapter.num_kv_heads,
+                                                                           self.adapter.head_dim, self.dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return max(1, int(free * self.config.cache_memory_fraction) // per_token)

@@ -8,7 +8,7 @@ gives the engine's wall time for that phase.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -20,6 +20,14 @@ class SampleStats:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     finish_reason: str = ""  # "stop" (EOS or a stop id) or "length" (max_new_tokens)
+    # Sparsification (dense: kept = n_visual_tokens, equivalent = n_visual_tokens, no pruning layers)
+    method: str = "none"  # SparsityConfig.label, e.g. "sparsevlm-128"
+    n_visual_tokens_kept: int = 0  # visual tokens after the last pruning layer, merged ones included
+    kept_per_pruning_layer: dict[int, int] = field(default_factory=dict)  # layer -> visual tokens it passed on
+    equiv_visual_tokens: float = 0.0  # layer-averaged retained visual tokens (see pruning/schedule.py)
+    prefill_flops: float = 0.0  # estimated decoder prefill FLOPs with this pruning ...
+    prefill_flops_dense: float = 0.0  # ... and without (vision tower excluded in both)
+    kept_visual_positions: list[int] = field(default_factory=list)  # indices into the sample's visual tokens that survived
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -22,10 +22,19 @@ class PreparedSample:
     visual_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel tensors and grids, host
     num_visual_tokens: int = 0
     num_vision_patches: int = 0
+    is_visual: torch.Tensor | None = None  # (L,) bool, host: which tokens are visual placeholders
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def head_length(self) -> int:
+        """Tokens up to and including the last visual one (0 without visual tokens); the rest
+        is the text region whose tokens rate the visual ones and are never pruned."""
+        if not self.num_visual_tokens:
+            return 0
+        return int(torch.nonzero(self.is_visual)[-1]) + 1
 
 
 @dataclass
@@ -67,6 +76,11 @@ class ModelAdapter:
         """(B,) next positions -> (P, B) position ids of one decode step."""
         raise NotImplementedError
 
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inv_freq (D/2,), sections (D/2,)): the rotary frequencies and which position
+        component each rotates with (all 0 for 1-D RoPE). SparseVLM+ builds its prior from them."""
+        raise NotImplementedError
+
     # -- decoder pieces, set by subclasses ------------------------------------------------------------
     text_config = None
     embed_tokens = None
@@ -77,6 +91,10 @@ class ModelAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def attention_scale(self) -> float:
+        return getattr(self.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
 
     @property
     def num_kv_heads(self) -> int:

@@ -59,11 +59,13 @@ class QwenVLAdapter(ModelAdapter):
             raise ValueError(f"sample {index}: token id {int(input_ids.max())} is outside the model's vocabulary "
                              f"({self.vocab_size}); the tokenizer/processor does not belong to this model")
         token_types = torch.zeros_like(input_ids, dtype=torch.int32)
+        is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
         visual_inputs: dict[str, torch.Tensor] = {}
         num_visual_tokens = num_patches = 0
         for token_type, pixel_key, grid_key, kind in _VISUAL_KINDS:
             is_kind = input_ids == self.token_ids[token_type]
             token_types[is_kind] = token_type
+            is_visual |= is_kind
             n_tokens = int(is_kind.sum())
             grid, pixels = sample.get(grid_key), sample.get(pixel_key)
             expected = int((torch.as_tensor(grid).prod(-1) // self.merge ** 2).sum()) if grid is not None else 0
@@ -96,7 +98,8 @@ class QwenVLAdapter(ModelAdapter):
         positions = positions[:, 0]
         return PreparedSample(index=index, input_ids=input_ids, positions=positions,
                               next_position=int(positions.max()) + 1, visual_inputs=visual_inputs,
-                              num_visual_tokens=num_visual_tokens, num_vision_patches=num_patches)
+                              num_visual_tokens=num_visual_tokens, num_vision_patches=num_patches,
+                              is_visual=is_visual)
 
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         """One vision-tower call per kind over all images (videos) of the pack, varlen attention."""
@@ -118,3 +121,9 @@ class QwenVLAdapter(ModelAdapter):
 
     def decode_positions(self, next_positions: torch.Tensor) -> torch.Tensor:
         return next_positions[None, :].expand(3, -1)
+
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.rotary_emb.inv_freq.float()
+        sections = torch.cat([torch.full((n,), i % 3, dtype=torch.long)
+                              for i, n in enumerate(self.rotary_emb.mrope_section)]).to(inv_freq.device)
+        return inv_freq, sections

@@ -1,0 +1,94 @@
+"""How each method scores a pack's visual tokens at a pruning layer (higher = keep).
+
+- sparsevlm: mean over heads and raters of the raters' attention (SPARSEVLM.md section 2).
+- sparsevlm_v2: the same divided by the RoPE-only prior, averaged over the top half of
+  heads ranked by rater->visual attention mass, per sample (section 6).
+- fastv: attention the last prompt token pays each visual token, mean over heads.
+- random: a uniform draw from a generator seeded by the config seed and the sample's own
+  tokens, so a sample's subset never depends on its batch mates.
+
+Attention comes from `kernels.rater_scores` (Triton on CUDA, or under TRITON_INTERPRET=1)
+or its plain-torch reference on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+from kernels.rater_scores import RoPEPrior, rater_scores, rater_scores_reference
+
+from ..adapters.base import PreparedSample
+from ..config import SparsityConfig
+from .pack import PrunedPack
+from .ragged import segment_ids
+from .raters import rater_weights
+
+
+def use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class VisualScorer:
+    def __init__(self, config: SparsityConfig, samples: list[PreparedSample], pack: PrunedPack,
+                 embeds: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor] | None):
+        self.config = config
+        self.method = config.method
+        self.rope_tables = rope_tables
+        self.weights = None
+        if self.method in ("sparsevlm", "sparsevlm_v2"):
+            self.weights = rater_weights(embeds, pack.visual_rows(), pack.visual, pack.text_rows(), pack.texts)
+        self.generators = None
+        if self.method == "random":
+            self.generators = []
+            for sample in samples:
+                generator = torch.Generator()
+                digest = zlib.crc32(sample.input_ids.numpy().tobytes())
+                generator.manual_seed((config.seed << 32) ^ digest)
+                self.generators.append(generator)
+
+    def scores(self, pack: PrunedPack, vis_rows: torch.Tensor, q: torch.Tensor | None, k: torch.Tensor | None,
+               positions: torch.Tensor, scale: float) -> torch.Tensor:
+        """(n_visual,) float32 scores of the rows `vis_rows` (in pack order)."""
+        if self.method == "random":
+            draws = [torch.rand(n, generator=g) for n, g in zip(pack.visual, self.generators)]
+            return torch.cat(draws).to(vis_rows.device)
+        if self.method == "fastv":
+            text_rows, weights = pack.last_rows(), torch.ones(len(pack.texts), device=q.device)
+            text_offsets = list(range(len(pack.texts) + 1))
+            seq_starts = torch.tensor(pack.offsets[:-1], dtype=torch.int32).to(q.device)
+        else:
+            text_rows, weights, text_offsets = pack.text_rows(), self.weights, pack.text_offsets
+            seq_starts = pack.text_seq_starts()
+        prior = None
+        if self.method == "sparsevlm_v2":
+            inv_freq, sections = self.rope_tables
+            prior = RoPEPrior(positions, inv_freq, sections)
+        vis_offsets = [0]
+        for n in pack.visual:
+            vis_offsets.append(vis_offsets[-1] + n)
+        if use_triton(q.device):
+            per_head = rater_scores(q, k, text_rows, seq_starts, weights, text_offsets, vis_rows.int(), vis_offsets,
+                                    scale, prior=prior)
+        else:
+            bounds = list(zip(pack.offsets[:-1], pack.offsets[1:]))
+            split = lambda t, offs: list(torch.split(t, [b - a for a, b in zip(offs, offs[1:])]))  # noqa: E731
+            per_head = rater_scores_reference(q, k, bounds, split(text_rows.long(), text_offsets),
+                                              split(weights, text_offsets), split(vis_rows, vis_offsets),
+                                              scale, prior=prior)
+        if self.method == "sparsevlm_v2":
+            return top_half_heads_mean(per_head, pack.visual)
+        return per_head.mean(1)
+
+
+def top_half_heads_mean(per_head: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Per sample, rank heads by their total rater->visual attention and average the top half."""
+    num_heads = per_head.shape[1]
+    chosen = max(1, num_heads // 2)
+    sample = segment_ids(sizes, per_head.device)
+    mass = per_head.new_zeros(len(sizes), num_heads).index_add_(0, sample, per_head)
+    top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :chosen]
+    selected = torch.zeros_like(mass).scatter_(1, top, 1.0)
+    return (per_head * selected[sample]).sum(1) / chosen
