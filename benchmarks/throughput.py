@@ -1,8 +1,8 @@
-"""Throughput: HF `generate` (dense, SDPA) vs our engine, in the same process, same inputs.
+"""Throughput: HF `generate` (dense, SDPA) vs our engine, dense and sparse, same process, same inputs.
 
     python benchmarks/throughput.py                                  # CPU, tiny model, seconds
     python benchmarks/throughput.py --model qwen2_5_vl_7b \
-        --json benchmarks/results/h100_throughput_dense.json          # GPU, 7B architecture, minutes
+        --methods none,sparsevlm-128 --json benchmarks/results/h100_throughput.json   # GPU, minutes
 
 HF runs identical samples stacked into batches (no padding: this flatters it) at each
 `--hf-batch-sizes` and its best is the baseline. Our engine gets `--num-samples` distinct
@@ -26,7 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import TINY_SCALE, WORKLOADS, load_model, make_sample, stack_identical  # noqa: E402
 
-from sparsevlm import EngineConfig, SamplingParams, VLMEngine  # noqa: E402
+from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
+
+
+def parse_method(text: str) -> SparsityConfig:
+    """"none", "sparsevlm-128" (preset), "fastv-r0.25" (keep ratio) -> SparsityConfig."""
+    method, _, budget = text.partition("-")
+    if not budget:
+        return SparsityConfig(method=method)
+    if budget.startswith("r"):
+        return SparsityConfig(method=method, keep_ratio=float(budget[1:]))
+    return SparsityConfig(method=method, preset=int(budget))
 
 
 def sync(device: torch.device) -> None:
@@ -66,17 +76,25 @@ def run_hf(model, sample: dict, batch_size: int, max_new_tokens: int, repeats: i
             "samples_per_s": batch_size / seconds, "peak_memory_gb": peak_memory_gb(device)}
 
 
-def run_engine(engine: VLMEngine, samples: list[dict], max_new_tokens: int, repeats: int) -> dict:
+def run_engine(engine: VLMEngine, samples: list[dict], max_new_tokens: int, repeats: int,
+               sparsity: SparsityConfig) -> dict:
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
     reset_peak(engine.device)
-    seconds, results = timed(lambda: engine.generate(samples, params), engine.device, repeats)
+    seconds, results = timed(lambda: engine.generate(samples, params, sparsity=sparsity), engine.device, repeats)
     stats = [r.stats for r in results]
     assert all(s.n_generated_tokens == max_new_tokens for s in stats)
-    return {"system": "engine_dense", "batch_size": len(samples), "seconds": seconds,
-            "samples_per_s": len(samples) / seconds, "peak_memory_gb": peak_memory_gb(engine.device),
-            "vision_s": sum(s.vision_ms for s in stats) / 1e3, "prefill_s": sum(s.prefill_ms for s in stats) / 1e3,
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    prefill_s = sum(s.prefill_ms for s in stats) / 1e3
+    return {"system": f"engine_{sparsity.label}", "method": sparsity.label, "batch_size": len(samples),
+            "seconds": seconds, "samples_per_s": len(samples) / seconds, "peak_memory_gb": peak_memory_gb(engine.device),
+            "vision_s": sum(s.vision_ms for s in stats) / 1e3, "prefill_s": prefill_s,
+            "sparse_s": sum(s.sparse_ms for s in stats) / 1e3,
+            "sparse_share_of_prefill": sum(s.sparse_ms for s in stats) / 1e3 / prefill_s,
             "decode_s": sum(s.decode_ms for s in stats) / 1e3,
             "n_prompt_tokens": stats[0].n_prompt_tokens, "n_visual_tokens": stats[0].n_visual_tokens,
+            "n_visual_tokens_kept_mean": mean([s.n_visual_tokens_kept for s in stats]),
+            "equiv_visual_tokens_mean": mean([s.equiv_visual_tokens for s in stats]),
+            "prefill_flops_ratio": sum(s.prefill_flops for s in stats) / sum(s.prefill_flops_dense for s in stats),
             "attention_backend": engine.backend.name}
 
 
@@ -86,7 +104,10 @@ def main() -> None:
     parser.add_argument("--workloads", default="vqa-1024,caption-1024")
     parser.add_argument("--num-samples", type=int, default=None, help="engine samples per workload "
                         "(default: 16 on tiny, 128 for VQA and 64 otherwise on 7B)")
-    parser.add_argument("--hf-batch-sizes", default=None, help="comma list (default 1,4 tiny; 1,16,32 on 7B)")
+    parser.add_argument("--hf-batch-sizes", default=None, help="comma list (default 1,4 tiny; 1,16,32 on 7B; "
+                        "empty: skip HF)")
+    parser.add_argument("--methods", default="none,sparsevlm-128",
+                        help="engine configurations: none, METHOD-PRESET or METHOD-rRATIO, comma separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--json", type=Path, help="write results here")
@@ -96,7 +117,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     model, processor = load_model(args.model, str(device))
     engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs))
-    hf_batch_sizes = [int(b) for b in (args.hf_batch_sizes or ("1,4" if tiny else "1,16,32")).split(",")]
+    sizes = args.hf_batch_sizes if args.hf_batch_sizes is not None else ("1,4" if tiny else "1,16,32")
+    hf_batch_sizes = [int(b) for b in sizes.split(",") if b]
+    methods = [parse_method(m) for m in args.methods.split(",")]
     rows = []
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]
@@ -107,19 +130,28 @@ def main() -> None:
             row = run_hf(model, samples[0], batch_size, workload.max_new_tokens, args.repeats, device)
             rows.append({"workload": name, **row})
             print(f"{name:<13} hf_generate  batch {batch_size:>4}: {row['samples_per_s']:8.2f} samples/s", flush=True)
-        row = run_engine(engine, samples, workload.max_new_tokens, args.repeats)
-        best_hf = max(r["samples_per_s"] for r in rows if r["workload"] == name and r["system"] == "hf_generate")
-        row["speedup_vs_hf_best"] = row["samples_per_s"] / best_hf
-        rows.append({"workload": name, **row})
-        print(f"{name:<13} engine_dense batch {n:>4}: {row['samples_per_s']:8.2f} samples/s "
-              f"({row['speedup_vs_hf_best']:.2f}x HF best)", flush=True)
+        hf_best = max((r["samples_per_s"] for r in rows if r["workload"] == name and r["system"] == "hf_generate"),
+                      default=None)
+        dense = None
+        for sparsity in methods:
+            row = run_engine(engine, samples, workload.max_new_tokens, args.repeats, sparsity)
+            dense = row["samples_per_s"] if sparsity.method == "none" else dense
+            row["speedup_vs_hf_best"] = row["samples_per_s"] / hf_best if hf_best else None
+            row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense if dense else None
+            rows.append({"workload": name, **row})
+            print(f"{name:<13} {row['system']:<22} batch {n:>4}: {row['samples_per_s']:8.2f} samples/s "
+                  f"(vision {row['vision_s']:.2f}s prefill {row['prefill_s']:.2f}s of which sparse "
+                  f"{row['sparse_s']:.3f}s, decode {row['decode_s']:.2f}s; kept {row['n_visual_tokens_kept_mean']:.0f}"
+                  f"/{row['n_visual_tokens']})", flush=True)
 
-    print(f"\n{'workload':<13} {'system':<13} {'batch':>5} {'samples/s':>10} {'vs HF best':>10} {'peak GB':>8}")
+    print(f"\n{'workload':<13} {'system':<22} {'batch':>5} {'samples/s':>10} {'vs HF best':>10} {'vs dense':>8} "
+          f"{'sparse %':>8} {'peak GB':>8}")
     for row in rows:
-        best = max(r["samples_per_s"] for r in rows if r["workload"] == row["workload"] and r["system"] == "hf_generate")
-        peak = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] is not None else "-"
-        print(f"{row['workload']:<13} {row['system']:<13} {row['batch_size']:>5} {row['samples_per_s']:>10.2f} "
-              f"{row['samples_per_s'] / best:>9.2f}x {peak:>8}")
+        fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+        share = row.get("sparse_share_of_prefill")
+        print(f"{row['workload']:<13} {row['system']:<22} {row['batch_size']:>5} {row['samples_per_s']:>10.2f} "
+              f"{fmt(row.get('speedup_vs_hf_best'), '>9.2f')}x {fmt(row.get('speedup_vs_engine_dense'), '>7.2f')}x "
+              f"{fmt(None if share is None else 100 * share, '>8.2f')} {fmt(row['peak_memory_gb'], '>8.1f')}")
     report = {
         "command": " ".join(["python", *sys.argv]),
         "model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -129,8 +161,10 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps({"summary": {r["workload"]: round(r["speedup_vs_hf_best"], 2)
-                                  for r in rows if r["system"] == "engine_dense"}}))
+    print(json.dumps({"summary": {f"{r['workload']} {r['method']}": {
+        "vs_hf_best": r["speedup_vs_hf_best"] and round(r["speedup_vs_hf_best"], 2),
+        "vs_engine_dense": r["speedup_vs_engine_dense"] and round(r["speedup_vs_engine_dense"], 2)}
+        for r in rows if r["system"] != "hf_generate"}}))
 
 
 if __name__ == "__main__":

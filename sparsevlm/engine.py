@@ -67,6 +67,33 @@ class _Running:
             self.stats.finish_reason = "length"
 
 
+class _SpanTimer:
+    """Sums the time of several `with` spans; CUDA events on the GPU so nothing synchronises
+    until `total_ms` (called after the pack's own sync)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+        self._host_ms = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self.spans.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.spans[-1][0].record()
+        else:
+            self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.spans[-1][1].record()
+        else:
+            self._host_ms += 1e3 * (time.perf_counter() - self._started)
+
+    def total_ms(self) -> float:
+        return sum(start.elapsed_time(end) for start, end in self.spans) if self.cuda else self._host_ms
+
+
 class VLMEngine:
     def __init__(self, model, processor, sparsity: SparsityConfig | None = None,
                  engine_config: EngineConfig | None = None):
@@ -197,10 +224,11 @@ class VLMEngine:
         positions = self._to_device(torch.cat([s.positions for s in samples], dim=1))
         layer_starts = self._to_device(torch.tensor([r.cache_starts for r in pack], dtype=torch.long).T)  # L, S
         hidden = self.adapter.embed(input_ids, features)  # T, H
-        scorer = None
+        scorer, sparse_time = None, _SpanTimer(self.device)
         if stream.pruning_layers:
-            scorer = VisualScorer(sparsity, samples, stream, hidden,
-                                  self.adapter.rope_tables() if sparsity.method == "sparsevlm_v2" else None)
+            with sparse_time:
+                scorer = VisualScorer(sparsity, samples, stream, hidden,
+                                      self.adapter.rope_tables() if sparsity.method == "sparsevlm_v2" else None)
         rotary = self.adapter.rotary(hidden[None], positions)
         ctx = ForwardContext(cache, self.backend)
         with attention_implementation(self.adapter.text_config):
@@ -213,11 +241,12 @@ class VLMEngine:
                     capture=layer_idx in stream.pruning_layers and sparsity.method != "random")
                 hidden = self._layer(layer, hidden[None], rotary, ctx)[0]
                 if layer_idx in stream.pruning_layers:
-                    q, k = ctx.prefill.captured or (None, None)
-                    vis_rows = stream.visual_rows()
-                    scale = self.adapter.attention_scale
-                    scores = scorer.scores(stream, vis_rows, q, k, positions, scale)
-                    hidden, positions, rotary = stream.prune(layer_idx, scores, vis_rows, hidden, positions, rotary)
+                    with sparse_time:
+                        q, k = ctx.prefill.captured or (None, None)
+                        vis_rows = stream.visual_rows()
+                        scores = scorer.scores(stream, vis_rows, q, k, positions, self.adapter.attention_scale)
+                        hidden, positions, rotary = stream.prune(layer_idx, scores, vis_rows, hidden, positions,
+                                                                 rotary)
         last = self._to_device(torch.tensor(stream.cu_seqlens[1:]) - 1)
         logits = self.adapter.lm_head(self.adapter.norm(hidden[last])).float()
         tokens = select_tokens(logits, [r.params for r in pack], [r.generator for r in pack]).tolist()
@@ -225,9 +254,11 @@ class VLMEngine:
         finished = self._now()
         vision_ms = split_time(1e3 * (vision_done - started), [s.num_vision_patches for s in samples])
         prefill_ms = split_time(1e3 * (finished - vision_done), [s.num_tokens for s in samples])
-        for r, token, v_ms, p_ms, kept in zip(pack, tokens, vision_ms, prefill_ms, kept_positions):
+        sparse_ms = split_time(sparse_time.total_ms(), [s.num_tokens for s in samples])
+        for r, token, v_ms, p_ms, s_ms, kept in zip(pack, tokens, vision_ms, prefill_ms, sparse_ms, kept_positions):
             r.stats.vision_ms += v_ms
             r.stats.prefill_ms += p_ms
+            r.stats.sparse_ms += s_ms
             r.stats.kept_visual_positions = kept
             r.commit(token)
 

@@ -1,7 +1,7 @@
 """Per-sample statistics and how shared step time is attributed to samples.
 
 A pack's vision-tower time is split in proportion to each sample's vision patches, its
-prefill time in proportion to each sample's prompt tokens, and every decode step's time
+prefill time (and the sparsification share of it) in proportion to each sample's prompt tokens, and every decode step's time
 equally among the samples active in that step. Summing a column over samples therefore
 gives the engine's wall time for that phase.
 """
@@ -18,6 +18,7 @@ class SampleStats:
     n_generated_tokens: int = 0
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
+    sparse_ms: float = 0.0  # part of prefill_ms: raters, scores, selection, recycling, regathering
     decode_ms: float = 0.0
     finish_reason: str = ""  # "stop" (EOS or a stop id) or "length" (max_new_tokens)
     # Sparsification (dense: kept = n_visual_tokens, equivalent = n_visual_tokens, no pruning layers)

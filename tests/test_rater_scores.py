@@ -1,0 +1,107 @@
+"""The rater-score Triton kernel against its plain-torch reference, and the reference against
+the plainest possible definition (a per-head loop over full attention matrices)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.rater_scores import RoPEPrior, rater_scores, rater_scores_reference
+
+
+def random_pack(seed: int, lengths: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
+                dtype: torch.dtype, device: str):
+    """A packed stream with, per sample, a visual span in the middle and raters after it."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q = torch.randn(total, num_q_heads, head_dim, generator=g).to(device, dtype)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=g).to(device, dtype)
+    bounds, texts, weights, visuals = [], [], [], []
+    start = 0
+    for length in lengths:
+        prefix = int(torch.randint(0, 4, (), generator=g))
+        n_visual = int(torch.randint(1, length - prefix - 1, (), generator=g))
+        visual = torch.arange(start + prefix, start + prefix + n_visual)
+        text = torch.arange(start + prefix + n_visual, start + length)
+        w = torch.rand(len(text), generator=g)
+        w[torch.rand(len(text), generator=g) < 0.4] = 0  # not every text token is a rater
+        w[-1] = w[-1] + 0.1
+        bounds.append((start, start + length))
+        texts.append(text.to(device))
+        weights.append((w / w.sum()).to(device))
+        visuals.append(visual.to(device))
+        start += length
+    positions = torch.randint(0, 300, (3, total), generator=g).to(device)
+    return q, k, bounds, texts, weights, visuals, positions
+
+
+def run_kernel(q, k, bounds, texts, weights, visuals, scale, prior=None, **blocks):
+    text_offsets, vis_offsets = [0], [0]
+    for t, v in zip(texts, visuals):
+        text_offsets.append(text_offsets[-1] + len(t))
+        vis_offsets.append(vis_offsets[-1] + len(v))
+    seq_starts = torch.cat([torch.full((len(t),), s) for t, (s, _) in zip(texts, bounds)]).int().to(q.device)
+    return rater_scores(q, k, torch.cat(texts).int(), seq_starts, torch.cat(weights), text_offsets,
+                        torch.cat(visuals).int(), vis_offsets, scale, prior=prior, **blocks)
+
+
+def qwen_like_prior(positions: torch.Tensor, head_dim: int) -> RoPEPrior:
+    half = head_dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    sections = torch.tensor([0] * (half // 4) + [1] * (half // 4) + [2] * (half - 2 * (half // 4)))
+    return RoPEPrior(positions, inv_freq.to(positions.device), sections.to(positions.device))
+
+
+def test_reference_is_a_slice_of_full_attention():
+    q, k, bounds, texts, weights, visuals, _ = random_pack(0, [40, 17, 64], 6, 2, 16, torch.float64, "cpu")
+    scale = 0.3
+    got = rater_scores_reference(q, k, bounds, texts, weights, visuals, scale)
+    expected = []
+    for (start, end), text, w, visual in zip(bounds, texts, weights, visuals):
+        per_head = []
+        for h in range(q.shape[1]):
+            kv = h // 3
+            full = torch.zeros(end - start, end - start, dtype=torch.float64)
+            for i in range(end - start):  # row i attends to keys 0..i of its own sample
+                logits = (k[start:start + i + 1, kv] @ q[start + i, h]) * scale
+                full[i, :i + 1] = logits.softmax(0)
+            rows = full[text - start][:, visual - start]  # raters x visual
+            per_head.append((w[:, None] * rows).sum(0))
+        expected.append(torch.stack(per_head, 1))
+    torch.testing.assert_close(got, torch.cat(expected).float(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (7, 1), (8, 8)], ids=["gqa2", "mqa7", "mha"])
+@pytest.mark.parametrize("with_prior", [False, True], ids=["plain", "prior"])
+def test_kernel_matches_reference_cpu(heads, with_prior):
+    """fp32, TRITON_INTERPRET=1 (set by conftest on CPU machines)."""
+    q, k, bounds, texts, weights, visuals, positions = random_pack(1, [37, 90, 5, 61], *heads, 16,
+                                                                   torch.float32, "cpu")
+    prior = qwen_like_prior(positions, 16) if with_prior else None
+    expected = rater_scores_reference(q, k, bounds, texts, weights, visuals, 0.25, prior=prior)
+    got = run_kernel(q, k, bounds, texts, weights, visuals, 0.25, prior=prior, block_v=16, block_n=16)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_kernel_handles_strided_q_and_empty_samples():
+    q, k, bounds, texts, weights, visuals, _ = random_pack(2, [30, 30], 4, 2, 16, torch.float32, "cpu")
+    q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)  # (T, H, D) view with head-major storage
+    visuals[1] = visuals[1][:0]  # a sample with nothing left to score
+    expected = rater_scores_reference(q, k, bounds, texts, weights, visuals, 0.25)
+    got = run_kernel(q_strided, k, bounds, texts, weights, visuals, 0.25, block_v=16, block_n=16)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("with_prior", [False, True], ids=["plain", "prior"])
+def test_kernel_matches_reference_gpu(dtype, with_prior):
+    """7B-like shapes: 28 query heads, 4 KV heads, head_dim 128, ~1100-token samples."""
+    q, k, bounds, texts, weights, visuals, positions = random_pack(3, [1100, 300, 1069, 700], 28, 4, 128,
+                                                                   dtype, "cuda")
+    prior = qwen_like_prior(positions, 128) if with_prior else None
+    expected = rater_scores_reference(q.float(), k.float(), bounds, texts, weights, visuals, 128 ** -0.5,
+                                      prior=prior)
+    got = run_kernel(q, k, bounds, texts, weights, visuals, 128 ** -0.5, prior=prior)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}[dtype]
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=tolerance * float(expected.abs().max()))
