@@ -110,13 +110,15 @@ def main() -> None:
                         help="engine configurations: none, METHOD-PRESET or METHOD-rRATIO, comma separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--no-compile-vision", action="store_true")
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
     tiny = args.model == "tiny"
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     model, processor = load_model(args.model, str(device))
-    engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs))
+    engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
+                                                                    compile_vision=not args.no_compile_vision))
     sizes = args.hf_batch_sizes if args.hf_batch_sizes is not None else ("1,4" if tiny else "1,16,32")
     hf_batch_sizes = [int(b) for b in sizes.split(",") if b]
     methods = [parse_method(m) for m in args.methods.split(",")]
@@ -156,7 +158,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "cuda_graphs": not args.no_cuda_graphs, "rows": rows,
+        "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision, "rows": rows,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

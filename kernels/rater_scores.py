@@ -141,6 +141,11 @@ def _rater_scores_kernel(Q, K, Lse, Out, TextRows, TextWeights, VisRows,
     tl.store(Out + vi[None, :] * stride_ov + heads[:, None], acc, mask=g_valid[:, None] & v_valid[None, :])
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned, so the host does not wait for the GPU work already queued."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 def rater_scores(q: torch.Tensor, k: torch.Tensor, text_rows: torch.Tensor, text_seq_starts: torch.Tensor,
                  text_weights: torch.Tensor, text_offsets: list[int], vis_rows: torch.Tensor,
                  vis_offsets: list[int], scale: float, prior: RoPEPrior | None = None,
@@ -174,11 +179,8 @@ def rater_scores(q: torch.Tensor, k: torch.Tensor, text_rows: torch.Tensor, text
         scale, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=precision)
     blocks = [(s, start, min(start + block_v, end)) for s, (begin, end) in enumerate(zip(vis_offsets, vis_offsets[1:]))
               for start in range(begin, end, block_v)]
-    table = torch.tensor(blocks, dtype=torch.int32).T.contiguous()
-    if device.type == "cuda":
-        table = table.pin_memory()
-    table = table.to(device, non_blocking=True)
-    offsets = torch.tensor(text_offsets, dtype=torch.int32).to(device, non_blocking=True)
+    table = _to_device(torch.tensor(blocks, dtype=torch.int32).T.contiguous(), device)
+    offsets = _to_device(torch.tensor(text_offsets, dtype=torch.int32), device)
     if prior is not None:
         positions = prior.positions.contiguous()
         extra = (positions, prior.inv_freq.float().contiguous(), prior.sections.contiguous(),

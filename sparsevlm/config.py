@@ -147,6 +147,8 @@ class EngineConfig:
         GPU memory at the batch's start (1M tokens on CPU).
     attention_backend: "auto" (flash-attn, else torch varlen on CUDA, else SDPA) or a name.
     cuda_graphs: capture decode steps per batch-size bucket on CUDA.
+    compile_vision: torch.compile the vision tower's blocks on CUDA (fuses its fp32 norms and
+        rotary math; the first batch pays the compilation).
     """
 
     max_prefill_tokens: int = 32768
@@ -155,6 +157,7 @@ class EngineConfig:
     cache_memory_fraction: float = 0.6
     attention_backend: str = "auto"
     cuda_graphs: bool = True
+    compile_vision: bool = True
     graph_batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
 
     def __post_init__(self) -> None:

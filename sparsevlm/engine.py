@@ -109,6 +109,8 @@ class VLMEngine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self._check_processor_matches()
         self._graphs = (DecodeGraphs(self) if self.config.cuda_graphs and self.device.type == "cuda" else None)
+        if self.config.compile_vision and self.device.type == "cuda":
+            self.adapter.compile_vision()
         self._sample_counter = 0
         self._pool: torch.Tensor | None = None  # the KV pool, kept across batches
 

@@ -8,6 +8,8 @@ import torch
 
 from kernels.rater_scores import RoPEPrior, rater_scores, rater_scores_reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def random_pack(seed: int, lengths: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
                 dtype: torch.dtype, device: str):
@@ -73,10 +75,10 @@ def test_reference_is_a_slice_of_full_attention():
 
 @pytest.mark.parametrize("heads", [(4, 2), (7, 1), (8, 8)], ids=["gqa2", "mqa7", "mha"])
 @pytest.mark.parametrize("with_prior", [False, True], ids=["plain", "prior"])
-def test_kernel_matches_reference_cpu(heads, with_prior):
-    """fp32, TRITON_INTERPRET=1 (set by conftest on CPU machines)."""
+def test_kernel_matches_reference_fp32(heads, with_prior):
+    """On CPU machines the kernel runs under TRITON_INTERPRET=1 (set by conftest)."""
     q, k, bounds, texts, weights, visuals, positions = random_pack(1, [37, 90, 5, 61], *heads, 16,
-                                                                   torch.float32, "cpu")
+                                                                   torch.float32, DEVICE)
     prior = qwen_like_prior(positions, 16) if with_prior else None
     expected = rater_scores_reference(q, k, bounds, texts, weights, visuals, 0.25, prior=prior)
     got = run_kernel(q, k, bounds, texts, weights, visuals, 0.25, prior=prior, block_v=16, block_n=16)
@@ -84,7 +86,7 @@ def test_kernel_matches_reference_cpu(heads, with_prior):
 
 
 def test_kernel_handles_strided_q_and_empty_samples():
-    q, k, bounds, texts, weights, visuals, _ = random_pack(2, [30, 30], 4, 2, 16, torch.float32, "cpu")
+    q, k, bounds, texts, weights, visuals, _ = random_pack(2, [30, 30], 4, 2, 16, torch.float32, DEVICE)
     q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)  # (T, H, D) view with head-major storage
     visuals[1] = visuals[1][:0]  # a sample with nothing left to score
     expected = rater_scores_reference(q, k, bounds, texts, weights, visuals, 0.25)

@@ -68,6 +68,9 @@ class ModelAdapter:
             hidden = hidden.masked_scatter(mask, embeds.to(hidden.dtype))
         return hidden
 
+    def compile_vision(self) -> None:
+        """Optionally torch.compile the vision tower for the engine's own calls."""
+
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         """hidden (1, T, H), positions (P, T) -> what decoder layers take as `position_embeddings`."""
         raise NotImplementedError

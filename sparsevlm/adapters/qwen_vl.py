@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..attention import VISION_ATTENTION_NAME, attention_implementation
@@ -34,6 +36,12 @@ class QwenVLAdapter(ModelAdapter):
         self.vocab_size = self.text_config.vocab_size
         self._get_rope_index = inner.get_rope_index
         self._uses_second_per_grid = config.model_type == "qwen2_5_vl"
+        self._compiled_blocks: torch.nn.ModuleList | None = None
+
+    def compile_vision(self) -> None:
+        """Compile each vision block (dynamic shapes); used only inside `encode_visual`, so the
+        model itself, and `model.generate`, stay as loaded."""
+        self._compiled_blocks = torch.nn.ModuleList(torch.compile(block, dynamic=True) for block in self.visual.blocks)
 
     def prepare(self, sample: dict, index: int) -> PreparedSample:
         if not isinstance(sample, dict) and not hasattr(sample, "keys"):
@@ -110,11 +118,24 @@ class QwenVLAdapter(ModelAdapter):
             if not chosen:
                 continue
             pixels = torch.cat([v[pixel_key] for v in chosen]).to(device=device, dtype=dtype, non_blocking=True)
-            grid = torch.cat([v[grid_key] for v in chosen]).to(device)
-            with attention_implementation(self.visual.config, VISION_ATTENTION_NAME):
+            grid = torch.cat([v[grid_key] for v in chosen])
+            grid = (grid.pin_memory() if device.type == "cuda" else grid).to(device, non_blocking=True)
+            with attention_implementation(self.visual.config, VISION_ATTENTION_NAME), self._vision_blocks():
                 output = self.visual(pixels, grid_thw=grid, sparsevlm_backend=backend)
             features.by_token_id[self.token_ids[token_type]] = output.pooler_output
         return features
+
+    @contextlib.contextmanager
+    def _vision_blocks(self):
+        if self._compiled_blocks is None:
+            yield
+            return
+        original = self.visual.blocks
+        self.visual.blocks = self._compiled_blocks
+        try:
+            yield
+        finally:
+            self.visual.blocks = original
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         return self.rotary_emb(hidden, positions[:, None, :])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.base import PreparedSample
-from .ragged import compact, offsets, pad_index, rank_within_segments, segment_ids, unpad
+from .ragged import compact, offsets, pad_index, rank_within_segments, segment_ids, to_device, unpad
 from .recycling import density_peak_merge
 from .schedule import PruneStep, SamplePlan
 
@@ -149,6 +149,4 @@ class PrunedPack:
                 for start, end in zip(self.offsets[:-1], self.offsets[1:])]
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        return to_device(tensor, self.device)

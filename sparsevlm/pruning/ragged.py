@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without stalling the host: a pageable copy would wait for all queued GPU work."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 def offsets(sizes: list[int]) -> list[int]:
     out = [0]
     for size in sizes:
@@ -19,7 +26,7 @@ def offsets(sizes: list[int]) -> list[int]:
 def segment_ids(sizes: list[int], device: torch.device) -> torch.Tensor:
     """(sum(sizes),) long: which segment each element belongs to."""
     counts = torch.tensor(sizes, dtype=torch.long)
-    return torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device, non_blocking=True)
+    return to_device(torch.repeat_interleave(torch.arange(len(sizes)), counts), device)
 
 
 def compact(mask: torch.Tensor, total: int) -> torch.Tensor:
@@ -37,7 +44,7 @@ def pad_index(sizes: list[int], device: torch.device) -> tuple[torch.Tensor, tor
     column = torch.arange(width)[None, :]
     valid = column < torch.tensor(sizes, dtype=torch.long)[:, None]
     index = torch.where(valid, starts + column, 0)
-    return index.to(device, non_blocking=True), valid.to(device, non_blocking=True)
+    return to_device(index, device), to_device(valid, device)
 
 
 def rank_within_segments(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:

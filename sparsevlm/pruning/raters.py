@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .ragged import pad_index, unpad
+from .ragged import pad_index, to_device, unpad
 
 CHUNK_BYTES = 256 << 20  # fp32 visual embeddings padded per chunk of samples
 
@@ -42,8 +42,8 @@ def _chunk_weights(embeds, vis_rows, vis_sizes, text_rows, text_sizes) -> torch.
     e_t = embeds[text_rows[t_index]].float()  # S, T, D
     logits = torch.bmm(e_v, e_t.transpose(1, 2)).masked_fill(~t_valid[:, None, :], float("-inf"))
     probs = logits.softmax(-1).masked_fill(~v_valid[:, :, None], 0.0)
-    n_vis = torch.tensor(vis_sizes, dtype=torch.float32).to(device).clamp_min(1)
-    n_text = torch.tensor(text_sizes, dtype=torch.float32).to(device).clamp_min(1)
+    n_vis = to_device(torch.tensor(vis_sizes, dtype=torch.float32), device).clamp_min(1)
+    n_text = to_device(torch.tensor(text_sizes, dtype=torch.float32), device).clamp_min(1)
     share = probs.sum(1) / n_vis[:, None]  # S, T: r_j
     raters = (share > 1.0 / n_text[:, None]) & t_valid
     raters = torch.where(raters.any(1, keepdim=True), raters, t_valid)  # nobody passes: everyone rates

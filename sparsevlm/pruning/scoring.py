@@ -23,7 +23,7 @@ from kernels.rater_scores import RoPEPrior, rater_scores, rater_scores_reference
 from ..adapters.base import PreparedSample
 from ..config import SparsityConfig
 from .pack import PrunedPack
-from .ragged import segment_ids
+from .ragged import segment_ids, to_device
 from .raters import rater_weights
 
 
@@ -54,11 +54,11 @@ class VisualScorer:
         """(n_visual,) float32 scores of the rows `vis_rows` (in pack order)."""
         if self.method == "random":
             draws = [torch.rand(n, generator=g) for n, g in zip(pack.visual, self.generators)]
-            return torch.cat(draws).to(vis_rows.device)
+            return to_device(torch.cat(draws), vis_rows.device)
         if self.method == "fastv":
             text_rows, weights = pack.last_rows(), torch.ones(len(pack.texts), device=q.device)
             text_offsets = list(range(len(pack.texts) + 1))
-            seq_starts = torch.tensor(pack.offsets[:-1], dtype=torch.int32).to(q.device)
+            seq_starts = to_device(torch.tensor(pack.offsets[:-1], dtype=torch.int32), q.device)
         else:
             text_rows, weights, text_offsets = pack.text_rows(), self.weights, pack.text_offsets
             seq_starts = pack.text_seq_starts()
