@@ -26,8 +26,8 @@ from .kv_cache import RaggedKVCache
 from .packing import group_consecutive
 from .preprocess import QwenVLProcessor
 from .pruning.pack import PrunedPack
-from .pruning.schedule import SamplePlan, plan_sample, prefill_flops
-from .pruning.scoring import VisualScorer
+from .pruning.schedule import SamplePlan, budget_schedule, plan_sample, prefill_flops
+from .pruning.scoring import VisualScorer, rater_attention_ranks
 from .sampling import make_generator, select_tokens
 from .stats import SampleStats, split_time
 
@@ -191,11 +191,12 @@ class VLMEngine:
             self._sample_counter += 1
             stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
             starts = [cache.starts[layer][b] for layer in range(self.adapter.num_layers)]
-            r = _Running(sample, p, plan, make_generator(p, self.device, self._sample_counter), starts, stop_ids)
-            self._fill_plan_stats(r, sparsity)
-            running.append(r)
+            running.append(_Running(sample, p, plan, make_generator(p, self.device, self._sample_counter), starts,
+                                    stop_ids))
         for pack in group_consecutive([s.num_tokens for s in samples], len(samples), self.config.max_prefill_tokens):
             self._prefill([running[i] for i in pack], cache, sparsity)
+        for r in running:  # plans are final now (rank-adaptive ones are decided during prefill)
+            self._fill_plan_stats(r, sparsity)
         layer_starts = torch.tensor([r.cache_starts for r in running], dtype=torch.int32).T  # L, B
         prompt_lengths = torch.tensor([self._layer_capacities(r.sample, r.plan, 0) for r in running],
                                       dtype=torch.int32).T  # L, B: prompt tokens each layer cached
@@ -247,6 +248,8 @@ class VLMEngine:
                         q, k = ctx.prefill.captured or (None, None)
                         vis_rows = stream.visual_rows()
                         scores = scorer.scores(stream, vis_rows, q, k, positions, self.adapter.attention_scale)
+                        if sparsity.rank_adaptive:
+                            self._adapt_keeps(pack, stream, layer_idx, scorer.weights, q, k, sparsity)
                         hidden, positions, rotary = stream.prune(layer_idx, scores, vis_rows, hidden, positions,
                                                                  rotary)
         last = self._to_device(torch.tensor(stream.cu_seqlens[1:]) - 1)
@@ -263,6 +266,24 @@ class VLMEngine:
             r.stats.sparse_ms += s_ms
             r.stats.kept_visual_positions = kept
             r.commit(token)
+
+    def _adapt_keeps(self, pack: list[_Running], stream: PrunedPack, layer: int, weights: torch.Tensor,
+                     q: torch.Tensor, k: torch.Tensor, sparsity: SparsityConfig) -> None:
+        """Rank-adaptive SparseVLM: keep floor(scale * rank(R) + bias) at this layer, at most the
+        budget's count (the budget sized the cache, so it stays an upper bound)."""
+        ranks = rater_attention_ranks(stream, weights, q, k, self.adapter.attention_scale)
+        for index, (r, rank) in enumerate(zip(pack, ranks)):
+            layers = [step.layer for step in r.plan.steps]
+            if layer not in layers:
+                continue
+            position = layers.index(layer)
+            budget = [keep for _, keep in budget_schedule(sparsity, self.adapter.num_layers,
+                                                          r.sample.num_visual_tokens)]
+            keeps = [step.keep for step in r.plan.steps[:position]]
+            keeps.append(min(budget[position], max(1, int(sparsity.rank_scale * rank + sparsity.rank_bias))))
+            r.plan = plan_sample(sparsity, self.adapter.num_layers, r.sample.num_visual_tokens,
+                                 keeps=keeps + budget[position + 1:])
+            stream.replan(index, r.plan)
 
     def _decode_step(self, batch: list[_Running], cache: RaggedKVCache, layer_starts: torch.Tensor,
                      prompt_lengths: torch.Tensor) -> None:

@@ -96,7 +96,7 @@ def test_density_peak_merge_matches_naive_per_sample():
         x[s, :n] = centres[torch.randint(0, 3, (n,), generator=g)] + torch.randn(n, dim, generator=g,
                                                                                  dtype=torch.float64)
         valid[s, :n] = True
-    merged, centres, assignment = density_peak_merge(x, valid, torch.tensor([c for _, c in counts]))
+    merged, centres, assignment = density_peak_merge(x, valid, [c for _, c in counts])
     for s, (n, c) in enumerate(counts):
         naive_merged, naive_centres, naive_assignment = naive_density_peak(x[s, :n], c)
         assert centres[s, :c].tolist() == naive_centres, f"sample {s}"
@@ -187,3 +187,30 @@ def test_pack_prune_matches_naive_per_sample_regather():
     assert torch.equal(new_rotary[0], rotary[0][:, expected_positions])
     assert pack.visual_ids.tolist() == expected_ids
     assert pack.lengths == [6 + 2 + 2 + 3 + 5, 7, 10 + 3 + 4 + 1 + 9]
+
+
+def test_rater_attention_rank_matches_matrix_rank_of_the_sliced_attention():
+    from sparsevlm.pruning.scoring import rater_attention_ranks
+
+    g = torch.Generator().manual_seed(4)
+    samples = [make_sample(0, 3, 20, 2, 5), make_sample(1, 2, 12, 0, 8)]
+    plans = [SamplePlan(s.num_visual_tokens, (), ()) for s in samples]
+    pack = PrunedPack(samples, plans, torch.device("cpu"))
+    total = sum(s.num_tokens for s in samples)
+    q, k = torch.randn(total, 4, 16, generator=g), torch.randn(total, 2, 16, generator=g)
+    weights = torch.tensor([1, 0, 1, 1, 0] + [1, 1, 0, 0, 1, 0, 0, 1], dtype=torch.float32)
+    weights[weights > 0] = 1.0  # only which are raters matters here
+    ranks = rater_attention_ranks(pack, weights, q, k, 0.25)
+    start = 0
+    for sample, rank, text_weights in zip(samples, ranks, (weights[:5], weights[5:])):
+        rows = torch.arange(start, start + sample.num_tokens)
+        raters = rows[sample.head_length:][text_weights > 0]
+        visual = rows[sample.is_visual]
+        per_head = []
+        for h in range(4):  # head h reads KV head h // 2
+            logits = q[start:start + sample.num_tokens, h] @ k[start:start + sample.num_tokens, h // 2].T * 0.25
+            logits = logits.masked_fill(~torch.ones_like(logits, dtype=torch.bool).tril(), float("-inf"))
+            per_head.append(logits.softmax(-1)[raters - start][:, visual - start])
+        expected = torch.linalg.matrix_rank(torch.stack(per_head).mean(0).double())
+        assert rank == int(expected)
+        start += sample.num_tokens

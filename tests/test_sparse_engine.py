@@ -124,3 +124,19 @@ def test_invalid_budgets_say_what_to_fix():
         SparsityConfig(method="pdrop")
     with pytest.raises(ValueError, match="recycle applies"):
         SparsityConfig(method="fastv", recycle=True)
+
+
+def test_rank_adaptive_keeps_at_most_the_budget_and_is_batch_invariant(engine, samples):
+    budget = SparsityConfig(method="sparsevlm", preset=192)
+    adaptive = SparsityConfig(method="sparsevlm", preset=192, rank_adaptive=True, rank_scale=1.0, rank_bias=1.0)
+    fixed = engine.generate(samples, PARAMS, sparsity=budget)
+    together = engine.generate(samples, PARAMS, sparsity=adaptive)
+    smaller = False
+    for i, (a, b) in enumerate(zip(together, fixed)):
+        assert set(a.stats.kept_per_pruning_layer) == set(b.stats.kept_per_pruning_layer)
+        for layer, kept in a.stats.kept_per_pruning_layer.items():
+            assert 1 <= kept <= b.stats.kept_per_pruning_layer[layer]
+            smaller |= kept < b.stats.kept_per_pruning_layer[layer]
+        alone = engine.generate([samples[i]], PARAMS, sparsity=adaptive)[0]
+        assert alone.token_ids == a.token_ids and alone.stats.kept_visual_positions == a.stats.kept_visual_positions
+    assert smaller, "rank-adaptive never kept fewer tokens than the budget"

@@ -74,6 +74,11 @@ class PrunedPack:
         """(sum of visual counts,) long: packed rows of visual tokens (merged included), in order."""
         return compact(self.visual_ids != NOT_VISUAL, sum(self.visual))
 
+    def replan(self, index: int, plan: SamplePlan) -> None:
+        """Swap sample `index`'s plan for one decided on the device (rank-adaptive keeps)."""
+        self.plans[index] = plan
+        self._steps[index] = {step.layer: step for step in plan.steps}
+
     def steps_at(self, layer: int) -> list[PruneStep | None]:
         return [steps.get(layer) for steps in self._steps]
 
@@ -105,8 +110,7 @@ class PrunedPack:
             recycled = compact((rank >= keep_v) & (rank < keep_v + recycle_v), sum(n_recycled))
             index, valid = pad_index(n_recycled, self.device)
             candidate_rows = vis_rows[recycled][index]  # S, R: in row order within each sample
-            clusters = self._to_device(torch.tensor(n_clusters, dtype=torch.long))
-            merged_padded, centres, _ = density_peak_merge(hidden[candidate_rows], valid, clusters)
+            merged_padded, centres, _ = density_peak_merge(hidden[candidate_rows], valid, n_clusters)
             c_index, c_valid = pad_index(n_clusters, self.device)
             merged = unpad(merged_padded, c_index, c_valid, num_merged).to(hidden.dtype)
             centre_rows = unpad(torch.gather(candidate_rows, 1, centres), c_index, c_valid, num_merged)

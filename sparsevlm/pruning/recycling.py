@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import torch
 
+from .ragged import to_device
 
-def density_peak_merge(x: torch.Tensor, valid: torch.Tensor, n_clusters: torch.Tensor
+
+def density_peak_merge(x: torch.Tensor, valid: torch.Tensor, clusters: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (S, R, D), valid (S, R) bool (valid entries first), n_clusters (S,) long with
+    """x (S, R, D), valid (S, R) bool (valid entries first), clusters: per sample C (host list;
+    the shapes depend on it, so asking the device would stall the pipeline), with
     1 <= C <= number valid (or 0 for an empty sample). -> (merged (S, Cmax, D) float32,
     centres (S, Cmax) long: index of each cluster's centre among the R inputs, in ascending
     order, assignment (S, R) long: cluster of every input). Entries past a sample's C are 0."""
     s, r, d = x.shape
     x = x.float()
-    width = int(n_clusters.max()) if s else 0
+    width = max(clusters, default=0)
+    n_clusters = to_device(torch.tensor(clusters, dtype=torch.long), x.device)
     if r == 0 or width == 0:
         return x.new_zeros(s, width, d), torch.zeros(s, width, dtype=torch.long, device=x.device), \
             torch.zeros(s, r, dtype=torch.long, device=x.device)

@@ -92,3 +92,30 @@ def top_half_heads_mean(per_head: torch.Tensor, sizes: list[int]) -> torch.Tenso
     top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :chosen]
     selected = torch.zeros_like(mass).scatter_(1, top, 1.0)
     return (per_head * selected[sample]).sum(1) / chosen
+
+
+def rater_attention_ranks(pack: PrunedPack, weights: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          scale: float) -> list[int]:
+    """Per sample, rank of R = head-averaged attention of its raters on its visual tokens
+    (raters x visual), from the Gram matrix R R^T (raters x raters). One host sync per call:
+    the rank-adaptive variant needs the counts on the host to lay out the pack."""
+    rater_mask = (weights > 0).cpu()
+    group = q.shape[1] // k.shape[1]
+    vis_rows = pack.visual_rows().cpu()
+    ranks, text_at, vis_at = [], 0, 0
+    for start, head, n_text, n_visual in zip(pack.offsets, pack.heads, pack.texts, pack.visual):
+        raters = start + head + torch.nonzero(rater_mask[text_at:text_at + n_text])[:, 0]
+        visual = vis_rows[vis_at:vis_at + n_visual]
+        text_at, vis_at = text_at + n_text, vis_at + n_visual
+        if n_visual == 0 or raters.numel() == 0:
+            ranks.append(0)
+            continue
+        keys = k[start:int(raters.max()) + 1].float().repeat_interleave(group, dim=1)  # L, Hq, D
+        logits = torch.einsum("rhd,lhd->hrl", q[raters.to(q.device)].float(), keys) * scale
+        causal = torch.arange(keys.shape[0], device=q.device)[None, :] <= (raters.to(q.device) - start)[:, None]
+        probs = logits.masked_fill(~causal[None], float("-inf")).softmax(-1).mean(0)  # raters, L
+        block = probs[:, (visual - start).to(q.device)]
+        eig = torch.linalg.eigvalsh(block @ block.T)
+        tolerance = eig.max().clamp_min(0) * max(block.shape) * torch.finfo(torch.float32).eps
+        ranks.append(int((eig > tolerance).sum()))
+    return ranks
