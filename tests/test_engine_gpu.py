@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import mixed_samples
-from sparsevlm import EngineConfig, SamplingParams, VLMEngine
+from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
 
 pytestmark = pytest.mark.gpu
 
@@ -30,3 +30,19 @@ def test_first_token_equals_generate(gpu_engine):
     for sample, result in zip(samples, results):
         out = gpu_engine.model.generate(**{k: v.cuda() for k, v in sample.items()}, max_new_tokens=4, do_sample=False)
         assert result.token_ids[0] == out[0, sample["input_ids"].shape[1]].item()
+
+
+def test_sparse_keep_everything_equals_dense_and_graphs_equal_eager(gpu_engine):
+    """bf16 on the GPU: the Triton scoring path, pruned packs and per-layer cache lengths."""
+    samples = mixed_samples(gpu_engine.processor, seed=6)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    dense = [r.token_ids for r in gpu_engine.generate(samples, params)]
+    keep_all = SparsityConfig(method="sparsevlm", schedule={0: 1.0, 2: 1.0})
+    assert [r.token_ids for r in gpu_engine.generate(samples, params, sparsity=keep_all)] == dense
+    sparse = SparsityConfig(method="sparsevlm", keep_ratio=0.3)
+    eager = VLMEngine(gpu_engine.model, gpu_engine.processor, engine_config=EngineConfig(cuda_graphs=False))
+    with_graphs = gpu_engine.generate(samples, params, sparsity=sparse)
+    without = eager.generate(samples, params, sparsity=sparse)
+    assert [r.token_ids for r in with_graphs] == [r.token_ids for r in without]
+    assert [r.stats.kept_visual_positions for r in with_graphs] == [r.stats.kept_visual_positions for r in without]
+    assert any(r.stats.n_visual_tokens_kept < r.stats.n_visual_tokens for r in with_graphs)
