@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from . import SamplingParams, VLMEngine
+from . import SamplingParams, SparsityConfig, VLMEngine
 from .tiny import build_tiny_checkpoint
 
 DEFAULT_MODEL_DIR = Path(".cache/tiny-qwen2_5_vl")
@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="local path or hub id (default: the embedded tiny model)")
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--preset", type=int, default=128, help="sparsevlm budget for the second pass")
     args = parser.parse_args()
     model = args.model
     if model is None:
@@ -79,6 +80,14 @@ def main() -> None:
         s = result.stats
         print(f"{name:<24} {s.n_prompt_tokens:>6} {s.n_visual_tokens:>6} {s.n_generated_tokens:>4} "
               f"{str(same):>10}  {result.text!r}")
+    sparsity = SparsityConfig(method="sparsevlm", preset=args.preset)
+    sparse = engine.generate([sample for _, sample in named], params, sparsity=sparsity)
+    print(f"\nwith {sparsity.label}:")
+    print(f"{'sample':<24} {'visual':>6} {'kept':>5} {'equiv':>6} {'FLOPs':>6}  text")
+    for (name, _), result in zip(named, sparse):
+        s = result.stats
+        print(f"{name:<24} {s.n_visual_tokens:>6} {s.n_visual_tokens_kept:>5} {s.equiv_visual_tokens:>6.1f} "
+              f"{s.prefill_flops / s.prefill_flops_dense:>6.0%}  {result.text!r}")
 
 
 if __name__ == "__main__":
