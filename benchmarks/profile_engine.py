@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import parse_method  # noqa: E402
-from workloads import TINY_SCALE, WORKLOADS, load_model, make_sample  # noqa: E402
+from workloads import WORKLOADS, device_for, load_model, make_samples  # noqa: E402
 
 from sparsevlm import SamplingParams, VLMEngine  # noqa: E402
 
@@ -33,13 +33,11 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     args = parser.parse_args()
 
-    tiny = args.model == "tiny"
-    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    device = device_for(args.model)
     model, processor = load_model(args.model, str(device))
     engine = VLMEngine(model, processor)
     workload = WORKLOADS[args.workload]
-    samples = [make_sample(processor, workload, seed=i, scale=TINY_SCALE if tiny else 1)
-               for i in range(args.num_samples)]
+    samples = make_samples(processor, workload, args.num_samples, args.model)
     params = SamplingParams(max_new_tokens=workload.max_new_tokens, ignore_eos=True)
     sparsity = parse_method(args.method)
     engine.generate(samples, params, sparsity=sparsity)  # warm-up: compile, capture graphs

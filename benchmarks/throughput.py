@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import TINY_SCALE, WORKLOADS, load_model, make_sample, stack_identical  # noqa: E402
+from workloads import WORKLOADS, device_for, load_model, make_samples, stack_identical  # noqa: E402
 
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tiny = args.model == "tiny"
-    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    device = device_for(args.model)
     model, processor = load_model(args.model, str(device))
     engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                     compile_vision=not args.no_compile_vision))
@@ -126,8 +126,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]
         n = args.num_samples or (16 if tiny else (128 if name.startswith("vqa") else 64))
-        scale = TINY_SCALE if tiny else 1
-        samples = [make_sample(processor, workload, seed=i, scale=scale) for i in range(n)]
+        samples = make_samples(processor, workload, n, args.model)
         for batch_size in hf_batch_sizes:
             row = run_hf(model, samples[0], batch_size, workload.max_new_tokens, args.repeats, device)
             rows.append({"workload": name, **row})

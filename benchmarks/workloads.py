@@ -95,6 +95,17 @@ def make_sample(processor, workload: Workload, seed: int, scale: int = 1) -> dic
     return processor(text=[prompt], images=[picture()])
 
 
+def device_for(model_name: str) -> torch.device:
+    """The tiny model runs on CPU (seconds); the 7B architecture on the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() and model_name != "tiny" else "cpu")
+
+
+def make_samples(processor, workload: Workload, count: int, model_name: str, first_seed: int = 0) -> list[dict]:
+    """`count` samples with seeds first_seed.., images shrunk TINY_SCALE x for the tiny model."""
+    scale = TINY_SCALE if model_name == "tiny" else 1
+    return [make_sample(processor, workload, seed=first_seed + i, scale=scale) for i in range(count)]
+
+
 def stack_identical(sample: dict, batch_size: int) -> dict:
     """A `model.generate` batch of `batch_size` copies of one sample (no padding needed)."""
     batched = {}
