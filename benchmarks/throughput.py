@@ -86,7 +86,8 @@ def run_engine(engine: VLMEngine, samples: list[dict], max_new_tokens: int, repe
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     prefill_s = sum(s.prefill_ms for s in stats) / 1e3
     return {"system": f"engine_{sparsity.label}", "method": sparsity.label, "batch_size": len(samples),
-            "seconds": seconds, "samples_per_s": len(samples) / seconds, "peak_memory_gb": peak_memory_gb(engine.device),
+            "seconds": seconds, "samples_per_s": len(samples) / seconds,
+            "peak_memory_gb": peak_memory_gb(engine.device),
             "vision_s": sum(s.vision_ms for s in stats) / 1e3, "prefill_s": prefill_s,
             "sparse_s": sum(s.sparse_ms for s in stats) / 1e3,
             "sparse_share_of_prefill": sum(s.sparse_ms for s in stats) / 1e3 / prefill_s,
@@ -155,7 +156,8 @@ def main() -> None:
               f"{fmt(None if share is None else 100 * share, '>8.2f')} {fmt(row['peak_memory_gb'], '>8.1f')}")
     report = {
         "command": " ".join(["python", *sys.argv]),
-        "model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision, "rows": rows,
     }

@@ -281,9 +281,12 @@ class VLMEngine:
                                                           r.sample.num_visual_tokens)]
             keeps = [step.keep for step in r.plan.steps[:position]]
             keeps.append(min(budget[position], max(1, int(sparsity.rank_scale * rank + sparsity.rank_bias))))
-            r.plan = plan_sample(sparsity, self.adapter.num_layers, r.sample.num_visual_tokens,
-                                 keeps=keeps + budget[position + 1:])
-            stream.replan(index, r.plan)
+            plan = plan_sample(sparsity, self.adapter.num_layers, r.sample.num_visual_tokens,
+                               keeps=keeps + budget[position + 1:])
+            if any(new > old for new, old in zip(plan.visual_per_layer, r.plan.visual_per_layer)):
+                raise RuntimeError("rank-adaptive plan outgrew the cache sized for its budget")  # cannot happen
+            r.plan = plan
+            stream.replan(index, plan)
 
     def _decode_step(self, batch: list[_Running], cache: RaggedKVCache, layer_starts: torch.Tensor,
                      prompt_lengths: torch.Tensor) -> None:

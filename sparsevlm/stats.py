@@ -1,9 +1,9 @@
 """Per-sample statistics and how shared step time is attributed to samples.
 
 A pack's vision-tower time is split in proportion to each sample's vision patches, its
-prefill time (and the sparsification share of it) in proportion to each sample's prompt tokens, and every decode step's time
-equally among the samples active in that step. Summing a column over samples therefore
-gives the engine's wall time for that phase.
+prefill time (and the sparsification share of it) in proportion to each sample's prompt
+tokens, and every decode step's time equally among the samples active in that step.
+Summing a column over samples therefore gives the engine's wall time for that phase.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class SampleStats:
     equiv_visual_tokens: float = 0.0  # layer-averaged retained visual tokens (see pruning/schedule.py)
     prefill_flops: float = 0.0  # estimated decoder prefill FLOPs with this pruning ...
     prefill_flops_dense: float = 0.0  # ... and without (vision tower excluded in both)
-    kept_visual_positions: list[int] = field(default_factory=list)  # indices into the sample's visual tokens that survived
+    # indices into the sample's visual tokens that survived the last pruning layer (all when dense)
+    kept_visual_positions: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)

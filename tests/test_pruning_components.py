@@ -178,8 +178,8 @@ def test_pack_prune_matches_naive_per_sample_regather():
             merged_h, merged_rows = list(merged.float()), [recycled[c] for c in centres]
         expected_hidden += [hidden[r] for r in head] + merged_h + [hidden[r] for r in text]
         expected_positions += head + merged_rows + text
-        ids = lambda rs: [visual.index(r) if r in visual else NOT_VISUAL for r in rs]  # noqa: E731
-        expected_ids += ids(head) + [MERGED] * len(merged_rows) + ids(text)
+        ids = [visual.index(r) if r in visual else NOT_VISUAL for r in head + text]
+        expected_ids += ids[:len(head)] + [MERGED] * len(merged_rows) + ids[len(head):]
         start += sample.num_tokens
         vis_start += len(visual)
     torch.testing.assert_close(new_hidden, torch.stack(expected_hidden), rtol=1e-5, atol=1e-5)

@@ -94,7 +94,7 @@ def budget_schedule(config: SparsityConfig, num_layers: int, num_visual: int) ->
         target = preset * scale * num_layers
         keep = (target - first * num_visual) / (num_layers - first)
         return [(first, max(1, round(keep)))]
-    layers = _strictly_increasing([scale_layer(l, num_layers) for l in REFERENCE_PRUNING_LAYERS], num_layers)
+    layers = _strictly_increasing([scale_layer(layer, num_layers) for layer in REFERENCE_PRUNING_LAYERS], num_layers)
     return [(layer, max(1, round(keep * scale))) for layer, keep in zip(layers, PRESET_KEEP[preset])]
 
 
@@ -116,14 +116,12 @@ def plan_sample(config: SparsityConfig, num_layers: int, num_visual: int,
     previous_layer = -1
     for i, (layer, keep) in enumerate(budget):
         keep = min(keeps[i] if keeps is not None else keep, current)
-        for l in range(previous_layer + 1, layer + 1):
-            per_layer[l] = current
+        per_layer[previous_layer + 1:layer + 1] = [current] * (layer - previous_layer)
         n_recycled, n_clusters = recycled_counts(current - keep, config)
         steps.append(PruneStep(layer, keep, n_recycled, n_clusters))
         current = keep + n_clusters
         previous_layer = layer
-    for l in range(previous_layer + 1, num_layers):
-        per_layer[l] = current
+    per_layer[previous_layer + 1:] = [current] * (num_layers - previous_layer - 1)
     return SamplePlan(num_visual, tuple(steps), tuple(per_layer))
 
 
