@@ -2,7 +2,7 @@
 
 - sparsevlm: mean over heads and raters of the raters' attention (SPARSEVLM.md section 2).
 - sparsevlm_v2: the same divided by the RoPE-only prior, averaged over the top half of
-  heads ranked by rater->visual attention mass, per sample (section 6).
+  heads ranked by (uncorrected) rater->visual attention mass, per sample (section 6).
 - fastv: attention the last prompt token pays each visual token, mean over heads.
 - random: a uniform draw from a generator seeded by the config seed and the sample's own
   tokens, so a sample's subset never depends on its batch mates.
@@ -62,36 +62,37 @@ class VisualScorer:
         else:
             text_rows, weights, text_offsets = pack.text_rows(), self.weights, pack.text_offsets
             seq_starts = pack.text_seq_starts()
-        prior = None
-        if self.method == "sparsevlm_v2":
-            inv_freq, sections = self.rope_tables
-            prior = RoPEPrior(positions, inv_freq, sections)
         vis_offsets = [0]
         for n in pack.visual:
             vis_offsets.append(vis_offsets[-1] + n)
-        if use_triton(q.device):
-            per_head = rater_scores(q, k, text_rows, seq_starts, weights, text_offsets, vis_rows.int(), vis_offsets,
+
+        def attention(prior: RoPEPrior | None) -> torch.Tensor:  # (n_visual, heads)
+            if use_triton(q.device):
+                return rater_scores(q, k, text_rows, seq_starts, weights, text_offsets, vis_rows.int(), vis_offsets,
                                     scale, prior=prior)
-        else:
             bounds = list(zip(pack.offsets[:-1], pack.offsets[1:]))
             split = lambda t, offs: list(torch.split(t, [b - a for a, b in zip(offs, offs[1:])]))  # noqa: E731
-            per_head = rater_scores_reference(q, k, bounds, split(text_rows.long(), text_offsets),
-                                              split(weights, text_offsets), split(vis_rows, vis_offsets),
-                                              scale, prior=prior)
-        if self.method == "sparsevlm_v2":
-            return top_half_heads_mean(per_head, pack.visual)
-        return per_head.mean(1)
+            return rater_scores_reference(q, k, bounds, split(text_rows.long(), text_offsets),
+                                          split(weights, text_offsets), split(vis_rows, vis_offsets), scale,
+                                          prior=prior)
+
+        per_head = attention(None)
+        if self.method != "sparsevlm_v2":
+            return per_head.mean(1)
+        corrected = attention(RoPEPrior(positions, *self.rope_tables))
+        return top_half_heads_mean(corrected, per_head, pack.visual)
 
 
-def top_half_heads_mean(per_head: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Per sample, rank heads by their total rater->visual attention and average the top half."""
-    num_heads = per_head.shape[1]
+def top_half_heads_mean(scores: torch.Tensor, attention: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Per sample, rank heads by their total rater->visual `attention` (n_visual, heads) and
+    average `scores` (n_visual, heads) over the top half of heads."""
+    num_heads = attention.shape[1]
     chosen = max(1, num_heads // 2)
-    sample = segment_ids(sizes, per_head.device)
-    mass = per_head.new_zeros(len(sizes), num_heads).index_add_(0, sample, per_head)
+    sample = segment_ids(sizes, attention.device)
+    mass = attention.new_zeros(len(sizes), num_heads).index_add_(0, sample, attention)
     top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :chosen]
     selected = torch.zeros_like(mass).scatter_(1, top, 1.0)
-    return (per_head * selected[sample]).sum(1) / chosen
+    return (scores * selected[sample]).sum(1) / chosen
 
 
 def rater_attention_ranks(pack: PrunedPack, weights: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
