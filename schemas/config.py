@@ -70,13 +70,14 @@ class MediaConfig(_Section):
     num_frames: int = Field(16, ge=2, description="frames sampled uniformly from each video (even: frames pair up)")
     fps: float | None = Field(None, gt=0, description="sample at this rate instead of a fixed count")
     max_frames: int = Field(64, ge=2)
-    min_pixels: int = Field(56 * 56, ge=28 * 28)
-    max_pixels: int = Field(28 * 28 * 1280, ge=28 * 28, description="per image or frame, after resizing")
+    min_pixels: int | None = Field(None, ge=28 * 28, description="per image or frame (default: the model's)")
+    max_pixels: int | None = Field(None, ge=28 * 28, description="per image or frame, after resizing "
+                                                                "(default: the model's preprocessor config)")
     max_image_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb guard: larger images fail")
 
     @model_validator(mode="after")
     def _ranges(self) -> "MediaConfig":
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
         if self.num_frames > self.max_frames:
             raise ValueError(f"num_frames ({self.num_frames}) exceeds max_frames ({self.max_frames})")

@@ -1,0 +1,94 @@
+"""The command line shared by the jobs: --config FILE plus flags that override it, then a summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import pyarrow.compute as pc
+
+from schemas import ConfigError, JobConfig
+
+from .run import run_job
+
+FLAGS = [  # (flag, config field, type, help)
+    ("--input", "input.uri", str, "Parquet file or folder, local or URI (default: the shipped sample data)"),
+    ("--id-column", "input.id_column", str, "column with unique row ids (default: id)"),
+    ("--media-column", "input.media_column", str, "column with the media (default: image or video)"),
+    ("--limit", "input.limit", int, "only the first N input rows"),
+    ("--output", "output.uri", str, "output folder, local or URI (default: runs/<kind>-<time>)"),
+    ("--model", "model.path", str, "model path or hub id (default: the embedded offline tiny model)"),
+    ("--dtype", "model.dtype", str, "bfloat16 (default), float16 or float32 on GPU; CPU always uses float32"),
+    ("--method", "sparsity.method", str, "none, sparsevlm (default), sparsevlm_v2, fastv or random"),
+    ("--task", "generation.task", str, "caption or vqa"),
+    ("--prompt", "generation.prompt", str, "prompt for rows without one"),
+    ("--max-new-tokens", "generation.max_new_tokens", int, "tokens to generate at most (default: 128)"),
+    ("--temperature", "generation.temperature", float, "0 = greedy (default)"),
+    ("--num-frames", "media.num_frames", int, "frames sampled uniformly per video (default: 16)"),
+    ("--fps", "media.fps", float, "sample video frames at this rate instead"),
+    ("--max-pixels", "media.max_pixels", int, "pixels per image or frame after resizing"),
+    ("--gpu-actors", "resources.gpu_actors", int, "engines, one GPU each (default: all GPUs)"),
+    ("--cpu-actors", "resources.cpu_actors", int, "decode/preprocess actors (default: 2)"),
+    ("--batch-size", "resources.batch_size", int, "rows per engine call (default: 64)"),
+]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML job config (sections: input, model, sparsity, generation, media, "
+                                    "resources, output); flags override it")
+    for flag, field, kind, text in FLAGS:
+        p.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} [{field}]")
+    p.add_argument("--budget", help="sparsity budget: a preset (64, 96, 128, 192) or a keep ratio (0 < r <= 1)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to write into an output that has results")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    values = {field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field) is not None}
+    if args.budget is not None:
+        budget = float(args.budget)
+        values["sparsity.preset" if budget > 1 else "sparsity.keep_ratio"] = int(budget) if budget > 1 else budget
+    if args.no_resume:
+        values["output.resume"] = False
+    return values
+
+
+def main(kind: str, description: str, base: dict, argv: list[str] | None = None) -> int:
+    args = parser(description).parse_args(argv)
+    try:
+        config = JobConfig.load(args.config, overrides(args), base=base)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        plan = run_job(config, kind)
+    except ValueError as error:  # bad input location or columns: nothing ran
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - started
+    summarise(plan, elapsed)
+    return 0
+
+
+def summarise(plan, elapsed: float) -> None:
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(plan.output_uri, format="parquet").to_table(
+        columns=["id", "error", "n_visual_tokens", "n_visual_tokens_kept", "equiv_visual_tokens"])
+    errors = table.filter(pc.is_valid(table.column("error")))
+    ok = table.filter(pc.is_null(table.column("error")))
+    new_rows = len(table) - plan.n_done
+    print(f"\n{plan.output_uri}: {len(table)} rows ({new_rows} this run, {plan.n_done} from earlier runs), "
+          f"{len(errors)} errors, {len(plan.duplicates)} duplicated ids")
+    print(f"{new_rows / elapsed:.2f} rows/s over {elapsed:.1f}s (Ray start-up and model load included)")
+    if len(ok):
+        visual = pc.sum(ok.column("n_visual_tokens")).as_py() or 0
+        kept = pc.sum(ok.column("n_visual_tokens_kept")).as_py() or 0
+        equiv = pc.mean(ok.column("equiv_visual_tokens")).as_py() or 0
+        print(f"visual tokens kept: {kept} of {visual} ({kept / max(visual, 1):.1%}); "
+              f"layer-averaged {equiv:.1f} per sample")
+    for row in errors.slice(0, 5).to_pylist():
+        print(f"  error {row['id']!r}: {row['error']}")

@@ -1,0 +1,148 @@
+"""The Ray Data graph of a labeling job, with resume and the one-row-per-id guarantee.
+
+    read_parquet -> skip ids already written, and duplicated ids -> Preprocessor (CPU actors)
+    -> Predictor (one engine per GPU) -> write_parquet
+
+Duplicate ids: an id that occurs more than once in the input is not processed; it gets a
+single error row saying so (which of its rows was meant is the user's call).
+Resume: ids found in readable Parquet files of the output folder are skipped; files a
+killed run left half-written are unreadable and are deleted first, so their rows run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from pyarrow import fs
+
+from schemas import JobConfig
+from schemas.rows import empty_row, output_schema
+
+from .model_source import EMBEDDED_MODEL, REPO
+
+logger = logging.getLogger(__name__)
+SAMPLE_DATA = {"image": REPO / "jobs" / "sample_data" / "images.parquet",
+               "video": REPO / "jobs" / "sample_data" / "videos.parquet"}
+
+
+def _filesystem(uri: str) -> tuple[fs.FileSystem, str]:
+    if "://" in uri:
+        return fs.FileSystem.from_uri(uri)
+    return fs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def read_ids(uri: str, id_column: str, media_column: str) -> pa.Array:
+    filesystem, path = _filesystem(uri)
+    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+    for column in (id_column, media_column):
+        if column not in dataset.schema.names:
+            raise ValueError(f"input {uri} has no column {column!r} (columns: {dataset.schema.names}); "
+                             "set input.id_column / input.media_column")
+    return dataset.to_table(columns=[id_column]).column(id_column).combine_chunks()
+
+
+def done_ids(uri: str) -> pa.Array | None:
+    """Ids in the readable output files; deletes the unreadable ones (a killed run's leftovers)."""
+    filesystem, path = _filesystem(uri)
+    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        return None
+    chunks = []
+    for info in filesystem.get_file_info(fs.FileSelector(path, recursive=True)):
+        if info.type != fs.FileType.File or not info.base_name.endswith(".parquet"):
+            continue
+        try:
+            chunks.append(pq.read_table(info.path, columns=["id"], filesystem=filesystem).column("id"))
+        except (OSError, pa.ArrowInvalid) as error:
+            logger.warning("removing unreadable output file %s (%s); its rows will run again", info.path, error)
+            filesystem.delete_file(info.path)
+    return pa.chunked_array([c for chunk in chunks for c in chunk.chunks]).combine_chunks() if chunks else None
+
+
+@dataclass
+class Plan:
+    input_uri: str
+    output_uri: str
+    model_path: str
+    to_skip: pa.Array  # ids already written or duplicated
+    duplicates: list
+    n_input: int
+    n_done: int
+
+
+def plan_job(config: JobConfig, kind: str) -> Plan:
+    input_uri = config.input.uri or str(SAMPLE_DATA[kind])
+    media_column = config.input.media_column or kind
+    output_uri = config.output.uri or str(Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    ids = read_ids(input_uri, config.input.id_column, media_column)
+    if config.input.limit:
+        ids = ids[:config.input.limit]
+    counts = pc.value_counts(ids)
+    duplicates = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+    done = done_ids(output_uri) if config.output.resume else None
+    if not config.output.resume and done_ids(output_uri) is not None:
+        raise ValueError(f"output {output_uri} already holds results and output.resume is off; "
+                         "choose another output or turn resume on")
+    skip = pa.concat_arrays([a.cast(ids.type) for a in (done, pa.array(duplicates, ids.type)) if a is not None])
+    n_done = 0 if done is None else int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
+    return Plan(input_uri, output_uri, config.model.path or EMBEDDED_MODEL, skip, duplicates, len(ids), n_done)
+
+
+def write_duplicate_errors(plan: Plan, config: JobConfig, kind: str, id_type: pa.DataType) -> None:
+    already = done_ids(plan.output_uri)
+    rows = [empty_row(i, task=config.generation.task, media_kind=kind,
+                      error=f"input: id {i!r} appears more than once in the input; ids must be unique")
+            for i in plan.duplicates if already is None or not pc.any(pc.equal(already, pa.scalar(i, id_type))).as_py()]
+    if rows:
+        filesystem, path = _filesystem(plan.output_uri)
+        filesystem.create_dir(path, recursive=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=output_schema(id_type)),
+                       f"{path}/duplicates-{time.strftime('%Y%m%d%H%M%S')}.parquet", filesystem=filesystem)
+
+
+def run_job(config: JobConfig, kind: str) -> Plan:
+    """Run the job to completion; returns its plan (the caller summarises the output)."""
+    import ray
+
+    from .predict import Predictor
+    from .preprocess import Preprocessor
+
+    plan = plan_job(config, kind)
+    ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+    job = config.model_dump()
+    id_column = config.input.id_column
+    dataset = ray.data.read_parquet(plan.input_uri)
+    if config.input.limit:
+        dataset = dataset.limit(config.input.limit)
+    id_type = dataset.schema().base_schema.field(id_column).type
+    write_duplicate_errors(plan, config, kind, id_type)
+    skip = ray.put(plan.to_skip)
+
+    def not_skipped(batch: pa.Table) -> pa.Table:
+        ids = batch.column(id_column)
+        return batch.filter(pc.invert(pc.is_in(ids, value_set=ray.get(skip).cast(ids.type))))
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    gpu_actors = config.resources.gpu_actors or max(gpus, 1)
+    # Actors hold their CPUs for the whole run; read and write tasks need one more, or the
+    # pipeline waits forever on a small machine. So actors get a fraction when CPUs are few.
+    cpu_actors = max(1, min(config.resources.cpu_actors, cpus - gpu_actors - 1))
+    actor_cpus = min(1.0, (cpus - 1) / (cpu_actors + gpu_actors)) if cpus > 1 else 0.5
+    model_name = "embedded tiny-qwen2_5_vl (random weights)" if plan.model_path == EMBEDDED_MODEL else plan.model_path
+    dataset = (dataset.map_batches(not_skipped, batch_format="pyarrow")
+               .map_batches(Preprocessor, fn_constructor_args=(plan.model_path, kind, job), batch_size=4,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cpu_actors),
+                            num_cpus=actor_cpus)
+               .map_batches(Predictor, fn_constructor_args=(plan.model_path, model_name, job),
+                            batch_size=config.resources.batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=gpu_actors), num_gpus=1 if gpus else 0,
+                            num_cpus=actor_cpus))
+    dataset.write_parquet(plan.output_uri)
+    return plan
