@@ -56,8 +56,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise MediaError("not an image Pillow can read (corrupt bytes or unsupported format)") from None
-    except Image.DecompressionBombError as error:
-        raise MediaError(f"image too large: {error}") from None
+    except Image.DecompressionBombError as error:  # Pillow's own guard fires first for huge headers
+        raise MediaError(f"image too large (decompression-bomb guard): {error}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise MediaError(f"image is {width}x{height} = {width * height} pixels, over "
