@@ -71,7 +71,7 @@ def test_images_become_rgb_upright_first_frame():
     (b"", "empty file"),
     (b"not an image at all, just text", "not an image"),
     (b"%PDF-1.4 a pdf is not an image", "not an image"),
-    (png_header(30000, 30000), "image too large .* 900000000 pixels"),
+    (png_header(30000, 30000), "image too large .*900000000 pixels"),
 ], ids=["zero-bytes", "corrupt", "unsupported-format", "bomb-header"])
 def test_bad_images_say_why(data, reason):
     with pytest.raises(MediaError, match=reason):
