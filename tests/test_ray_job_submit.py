@@ -20,8 +20,9 @@ def test_ray_job_submit_caption_videos(tmp_path):
     bin_dir = Path(sys.executable).parent
     ray = str(bin_dir / "ray")
     # the job's `python` must be this environment's: the head node's PATH decides
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_AUTH_MODE": "disabled"}  # a throwaway local cluster: no token to hand around
+    env.pop("RAY_ADDRESS", None)
     started = subprocess.run([ray, "start", "--head", "--num-cpus", "2", "--disable-usage-stats",
                               "--dashboard-host", "127.0.0.1", "--dashboard-port", "8265"],
                              env=env, capture_output=True, text=True, timeout=180)
