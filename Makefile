@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+# Two entry points (see README): `make demo` (the video-captioning job on the shipped sample
+# data and the embedded model, offline, local Ray) and `make test`. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m sparsevlm.demo
+	$(PY) jobs/caption_videos.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
