@@ -58,8 +58,10 @@ def qwen2_5_vl_7b_config(tokenizer):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
 
-def load_model(name: str, device: str):
-    """-> (model, processor) for "tiny" or "qwen2_5_vl_7b"."""
+def load_model(name: str, device: str, folder: Path | None = None):
+    """-> (model, processor) for "tiny" or "qwen2_5_vl_7b". The 7B architecture gets random
+    weights built on `device`; its tokenizer and processor configs go to `folder` (a temporary
+    one by default), so `model.save_pretrained(folder)` makes it a loadable checkpoint."""
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     if name == "tiny":
@@ -68,7 +70,8 @@ def load_model(name: str, device: str):
         return model.eval(), QwenVLProcessor.from_pretrained(path)
     if name != "qwen2_5_vl_7b":
         raise ValueError(f"unknown benchmark model {name!r}; use tiny or qwen2_5_vl_7b")
-    folder = Path(tempfile.mkdtemp())
+    folder = Path(folder or tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(folder)
     write_preprocessor_configs(folder, "qwen2_5_vl", min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
