@@ -49,7 +49,7 @@ class Predictor:
         todo = [i for i, row in enumerate(rows) if row["error"] is None]
         results = self._generate([unpack_sample(blobs[i]) for i in todo])
         out = []
-        for i, row in enumerate(rows):
+        for row in rows:
             record = dict.fromkeys(OUTPUT_COLUMNS)
             record.update(row, model=self.model_name, method=self.sparsity.label, worker=self.worker,
                           batch=self.batches)
@@ -61,7 +61,7 @@ class Predictor:
             stats = result.stats.as_dict()
             out[i]["output"] = result.text
             for name in OUTPUT_COLUMNS:
-                if name in stats and name not in ("preprocess_ms",):
+                if name in stats:
                     out[i][name] = stats[name]
             out[i]["kept_per_pruning_layer"] = list(stats["kept_per_pruning_layer"].items())
         return pa.Table.from_pylist(out, schema=output_schema(batch.schema.field("id").type))

@@ -70,6 +70,8 @@ class Plan:
     input_uri: str
     output_uri: str
     model_path: str
+    id_type: pa.DataType
+    done: pa.Array | None  # ids already in the output (one read of it, before anything runs)
     to_skip: pa.Array  # ids already written or duplicated
     duplicates: list
     n_input: int
@@ -85,24 +87,30 @@ def plan_job(config: JobConfig, kind: str) -> Plan:
         ids = ids[:config.input.limit]
     counts = pc.value_counts(ids)
     duplicates = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
-    done = done_ids(output_uri) if config.output.resume else None
-    if not config.output.resume and done_ids(output_uri) is not None:
-        raise ValueError(f"output {output_uri} already holds results and output.resume is off; "
-                         "choose another output or turn resume on")
-    skip = pa.concat_arrays([a.cast(ids.type) for a in (done, pa.array(duplicates, ids.type)) if a is not None])
+    done = done_ids(output_uri)
+    if done is not None:
+        done = done.cast(ids.type)
+        if not config.output.resume:
+            raise ValueError(f"output {output_uri} already holds results and output.resume is off; "
+                             "choose another output or turn resume on")
+    skip = pa.concat_arrays([a for a in (done, pa.array(duplicates, ids.type)) if a is not None])
     n_done = 0 if done is None else int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
-    return Plan(input_uri, output_uri, config.model.path or EMBEDDED_MODEL, skip, duplicates, len(ids), n_done)
+    return Plan(input_uri, output_uri, config.model.path or EMBEDDED_MODEL, ids.type, done, skip, duplicates,
+                len(ids), n_done)
 
 
-def write_duplicate_errors(plan: Plan, config: JobConfig, kind: str, id_type: pa.DataType) -> None:
-    already = done_ids(plan.output_uri)
+def write_duplicate_errors(plan: Plan, config: JobConfig, kind: str) -> None:
+    """One error row per duplicated id not already written by an earlier run."""
+    new = pa.array(plan.duplicates, plan.id_type)
+    if plan.done is not None:
+        new = new.filter(pc.invert(pc.is_in(new, value_set=plan.done)))
     rows = [empty_row(i, task=config.generation.task, media_kind=kind,
                       error=f"input: id {i!r} appears more than once in the input; ids must be unique")
-            for i in plan.duplicates if already is None or not pc.any(pc.equal(already, pa.scalar(i, id_type))).as_py()]
+            for i in new.to_pylist()]
     if rows:
         filesystem, path = _filesystem(plan.output_uri)
         filesystem.create_dir(path, recursive=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=output_schema(id_type)),
+        pq.write_table(pa.Table.from_pylist(rows, schema=output_schema(plan.id_type)),
                        f"{path}/duplicates-{time.strftime('%Y%m%d%H%M%S')}.parquet", filesystem=filesystem)
 
 
@@ -120,8 +128,7 @@ def run_job(config: JobConfig, kind: str) -> Plan:
     dataset = ray.data.read_parquet(plan.input_uri)
     if config.input.limit:
         dataset = dataset.limit(config.input.limit)
-    id_type = dataset.schema().base_schema.field(id_column).type
-    write_duplicate_errors(plan, config, kind, id_type)
+    write_duplicate_errors(plan, config, kind)
     skip = ray.put(plan.to_skip)
 
     def not_skipped(batch: pa.Table) -> pa.Table:

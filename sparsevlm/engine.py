@@ -236,10 +236,8 @@ class VLMEngine:
         ctx = ForwardContext(cache, self.backend)
         with attention_implementation(self.adapter.text_config):
             for layer_idx, layer in enumerate(self.adapter.layers):
-                cu_seqlens = stream.cu_seqlens
                 ctx.prefill = PrefillMeta(
-                    cu_seqlens=self._to_device(torch.tensor(cu_seqlens, dtype=torch.int32)),
-                    cu_seqlens_list=cu_seqlens, max_seqlen=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
+                    cu_seqlens=stream.cu_seqlens, cu_seqlens_list=stream.offsets, max_seqlen=stream.max_length,
                     slot_mapping=stream.slot_mapping(layer_starts[layer_idx]),
                     capture=layer_idx in stream.pruning_layers and sparsity.method != "random")
                 hidden = self._layer(layer, hidden[None], rotary, ctx)[0]
@@ -252,7 +250,7 @@ class VLMEngine:
                             self._adapt_keeps(pack, stream, layer_idx, scorer.weights, q, k, sparsity)
                         hidden, positions, rotary = stream.prune(layer_idx, scores, vis_rows, hidden, positions,
                                                                  rotary)
-        last = self._to_device(torch.tensor(stream.cu_seqlens[1:]) - 1)
+        last = stream.cu_seqlens[1:].long() - 1
         logits = self.adapter.lm_head(self.adapter.norm(hidden[last])).float()
         tokens = select_tokens(logits, [r.params for r in pack], [r.generator for r in pack]).tolist()
         kept_positions = stream.kept_visual_positions()

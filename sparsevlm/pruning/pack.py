@@ -49,10 +49,8 @@ class PrunedPack:
         self.row_sample = segment_ids(self.lengths, self.device)
         starts = self._to_device(torch.tensor(self.offsets[:-1], dtype=torch.long))
         self.row_within = torch.arange(self.num_rows, device=self.device) - starts[self.row_sample]
-
-    @property
-    def cu_seqlens(self) -> list[int]:
-        return self.offsets
+        self.cu_seqlens = self._to_device(torch.tensor(self.offsets, dtype=torch.int32))  # (n+1,) for the kernels
+        self.max_length = max(self.lengths)
 
     @property
     def text_offsets(self) -> list[int]:
@@ -134,8 +132,8 @@ class PrunedPack:
         source.scatter_(0, dest, torch.arange(self.num_rows + num_merged, device=self.device))
         source = source[:-1]  # row of the extended stream (current rows, then merged) each new row takes
         is_merged = source >= self.num_rows
-        position_source = torch.where(is_merged, centre_rows[(source - self.num_rows).clamp(0, max(num_merged - 1, 0))]
-                                      if num_merged else source, source)
+        rows = torch.arange(self.num_rows, device=self.device)
+        position_source = torch.cat([rows, centre_rows])[source]  # a merged token sits at its centre
 
         hidden = torch.cat([hidden, merged])[source]
         positions = positions[:, position_source]

@@ -23,7 +23,7 @@ from kernels.rater_scores import RoPEPrior, rater_scores, rater_scores_reference
 from ..adapters.base import PreparedSample
 from ..config import SparsityConfig
 from .pack import PrunedPack
-from .ragged import segment_ids, to_device
+from .ragged import offsets, segment_ids, to_device
 from .raters import rater_weights
 
 
@@ -58,13 +58,11 @@ class VisualScorer:
         if self.method == "fastv":
             text_rows, weights = pack.last_rows(), torch.ones(len(pack.texts), device=q.device)
             text_offsets = list(range(len(pack.texts) + 1))
-            seq_starts = to_device(torch.tensor(pack.offsets[:-1], dtype=torch.int32), q.device)
+            seq_starts = pack.cu_seqlens[:-1]
         else:
             text_rows, weights, text_offsets = pack.text_rows(), self.weights, pack.text_offsets
             seq_starts = pack.text_seq_starts()
-        vis_offsets = [0]
-        for n in pack.visual:
-            vis_offsets.append(vis_offsets[-1] + n)
+        vis_offsets = offsets(pack.visual)
 
         def attention(prior: RoPEPrior | None) -> torch.Tensor:  # (n_visual, heads)
             if use_triton(q.device):
