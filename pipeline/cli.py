@@ -42,6 +42,8 @@ def parser(description: str) -> argparse.ArgumentParser:
         p.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} [{field}]")
     p.add_argument("--budget", help="sparsity budget: a preset (64, 96, 128, 192) or a keep ratio (0 < r <= 1)")
     p.add_argument("--no-resume", action="store_true", help="refuse to write into an output that has results")
+    p.add_argument("--warmup", action="store_true", help="run each GPU actor's first batch twice, timing the "
+                                                        "second (compilation stays out of the stats)")
     return p
 
 
@@ -52,6 +54,8 @@ def overrides(args: argparse.Namespace) -> dict:
         values["sparsity.preset" if budget > 1 else "sparsity.keep_ratio"] = int(budget) if budget > 1 else budget
     if args.no_resume:
         values["output.resume"] = False
+    if args.warmup:
+        values["resources.warmup"] = True
     return values
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import pyarrow as pa
 import torch
@@ -40,19 +41,31 @@ class Predictor:
                                      temperature=generation["temperature"], top_p=generation["top_p"],
                                      seed=generation["seed"])
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.device = f"cuda:{torch.cuda.get_device_name(self.engine.device)}" if device == "cuda" else "cpu"
         self.batches = 0
+        self.warmup = job["resources"]["warmup"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.batches += 1
         rows = batch.drop_columns(["sample"]).to_pylist()
         blobs = batch.column("sample").to_pylist()
         todo = [i for i, row in enumerate(rows) if row["error"] is None]
-        results = self._generate([unpack_sample(blobs[i]) for i in todo])
+        samples = [unpack_sample(blobs[i]) for i in todo]
+        if self.warmup and self.batches == 1:
+            self._generate(samples)
+        on_gpu = self.engine.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.engine.device)
+        started_at = time.time()
+        results = self._generate(samples)
+        peak_mb = torch.cuda.max_memory_allocated(self.engine.device) / 2**20 if on_gpu else None
+        finished_at = time.time()
         out = []
         for row in rows:
             record = dict.fromkeys(OUTPUT_COLUMNS)
             record.update(row, model=self.model_name, method=self.sparsity.label, worker=self.worker,
-                          batch=self.batches)
+                          batch=self.batches, device=self.device, started_at=started_at,
+                          finished_at=finished_at, peak_gpu_memory_mb=peak_mb)
             out.append(record)
         for i, result in zip(todo, results):
             if isinstance(result, Exception):

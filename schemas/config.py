@@ -88,6 +88,8 @@ class ResourcesConfig(_Section):
     gpu_actors: int | None = Field(None, ge=1, description="engines, one GPU each (default: every GPU; 1 on CPU)")
     cpu_actors: int = Field(2, ge=1, description="decode/preprocess actors")
     batch_size: int = Field(64, ge=1, description="rows per engine call (the engine packs inside it)")
+    warmup: bool = Field(False, description="run each GPU actor's first batch twice and keep the second, so that "
+                                            "compilation and CUDA-graph capture stay out of the timings")
 
 
 class OutputConfig(_Section):

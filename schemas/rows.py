@@ -34,7 +34,11 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("sparse_ms", pa.float32(), "raters, scores, selection, recycling: part of prefill_ms"),
     ("decode_ms", pa.float32(), "decode steps, this sample's share"),
     ("worker", pa.string(), "the GPU actor that ran the row"),
+    ("device", pa.string(), "what it ran on: cpu, or cuda:<GPU name>"),
     ("batch", pa.int64(), "engine call counter within that worker"),
+    ("started_at", pa.float64(), "Unix time (s) the row's engine call started (after any warm-up)"),
+    ("finished_at", pa.float64(), "Unix time (s) it returned: throughput = rows / (last finish - first start)"),
+    ("peak_gpu_memory_mb", pa.float32(), "peak GPU memory allocated during the row's engine call (null on CPU)"),
 ]
 
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(name for name, _, _ in _COLUMNS)
