@@ -1,17 +1,22 @@
-"""The video-captioning job through Ray, end to end, on a model of benchmark size.
+"""A labeling job through Ray, end to end, on a model of benchmark size, with 1..N GPU engines.
 
-    python benchmarks/job_throughput.py --model qwen2_5_vl_7b --rows 96 --json out.json   # GPU
+    python benchmarks/job_throughput.py --model qwen2_5_vl_7b --kind image --rows 1024 --gpu-actors 1,2 \
+        --json out.json                                                   # multi-GPU scaling
+    python benchmarks/job_throughput.py --model qwen2_5_vl_7b --kind video --rows 96 --gpu-actors 1
+    python benchmarks/job_throughput.py --model tiny --rows 16            # CPU, seconds
 
-Writes a random-weight checkpoint of the model (the 7B architecture: ~16 GB) and a Parquet
-of `--rows` videos (the shipped sample videos, repeated under new ids), runs
-`jobs/caption_videos.py`'s pipeline on them, and reports rows/s over the whole job (Ray
-start-up and model load included) and over the engine's own time (sum of vision, prefill
-and decode per row, i.e. what one GPU spends per video).
+Writes a random-weight checkpoint (the 7B architecture: ~16 GB) and a Parquet of `--rows`
+inputs (the shipped sample photos at 896x896, or the sample videos, repeated under new ids),
+then runs the job once per `--gpu-actors` value with `--warmup`. Throughput is the cost
+report's: rows over the engines' span (first timed call's start to last call's end), so
+start-up and each engine's warm-up batch stay out, waits on the CPU stage stay in. The
+whole job's wall time (Ray start-up and model load included) is reported beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -19,58 +24,85 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from pipeline.cli import main as job_main  # noqa: E402
+from pipeline.cost.metrics import run_metrics  # noqa: E402
 from workloads import load_model  # noqa: E402
+
+SAMPLES = REPO / "jobs" / "sample_data"
+
+
+def write_inputs(kind: str, rows: int, path: Path) -> None:
+    if kind == "image":
+        photos = []
+        for data in pq.read_table(SAMPLES / "images.parquet").column("image").to_pylist():
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(data)).convert("RGB").resize((896, 896)).save(buffer, format="JPEG", quality=90)
+            photos.append(buffer.getvalue())
+        media = {"image": [photos[i % len(photos)] for i in range(rows)]}
+    else:
+        videos = pq.read_table(SAMPLES / "videos.parquet").column("video").to_pylist()
+        media = {"video": [videos[i % len(videos)] for i in range(rows)]}
+    pq.write_table(pa.table({"id": [f"r{i:06d}" for i in range(rows)], **media}), path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2_5_vl_7b", choices=["tiny", "qwen2_5_vl_7b"])
+    parser.add_argument("--kind", default="video", choices=["image", "video"])
     parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--gpu-actors", default="1", help="comma-separated engine counts, one run each")
+    parser.add_argument("--cpu-actors", default="12")
+    parser.add_argument("--batch-size", default="64")
     parser.add_argument("--method", default="sparsevlm")
     parser.add_argument("--budget", default="128")
-    parser.add_argument("--max-new-tokens", default="64")
+    parser.add_argument("--max-new-tokens", default=None, help="default: 16 for images (vqa), 64 for videos")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
-    checkpoint = work / "model"
-    if args.model == "tiny":
-        model_arg = []
-    else:
+    model_arg = []
+    if args.model != "tiny":
         import torch
 
+        checkpoint = work / "model"
         model, _ = load_model(args.model, "cuda", folder=checkpoint)
         model.save_pretrained(checkpoint)
         del model
         torch.cuda.empty_cache()
         model_arg = ["--model", str(checkpoint)]
-    videos = pq.read_table(REPO / "jobs" / "sample_data" / "videos.parquet").column("video").to_pylist()
-    source = work / "videos.parquet"
-    pq.write_table(pa.table({"id": [f"v{i:05d}" for i in range(args.rows)],
-                             "video": [videos[i % len(videos)] for i in range(args.rows)]}), source)
-    output = work / "captions"
-    started = time.perf_counter()
-    code = job_main("video", "benchmark", base={"generation": {"task": "caption"}},
-                    argv=["--input", str(source), "--output", str(output), "--method", args.method,
-                          "--budget", args.budget, "--max-new-tokens", args.max_new_tokens, "--num-frames", "16",
-                          "--batch-size", "96", *model_arg])
-    elapsed = time.perf_counter() - started
-    table = pads.dataset(str(output), format="parquet").to_table()
-    engine_s = sum(pc.sum(table.column(c)).as_py() or 0 for c in ("vision_ms", "prefill_ms", "decode_ms")) / 1e3
-    report = {"command": " ".join(["python", *sys.argv]), "model": args.model, "rows": len(table),
-              "errors": len(table) - table.column("error").null_count,
-              "job_seconds": elapsed, "rows_per_s_job": len(table) / elapsed,
-              "engine_seconds": engine_s, "rows_per_s_engine": len(table) / engine_s if engine_s else None,
-              "n_visual_tokens_mean": pc.mean(table.column("n_visual_tokens")).as_py(),
-              "n_visual_tokens_kept_mean": pc.mean(table.column("n_visual_tokens_kept")).as_py(), "exit_code": code}
+    source = work / "inputs.parquet"
+    write_inputs(args.kind, args.rows, source)
+    task = ["--task", "vqa", "--prompt", "What is in the picture? Answer in two words."] if args.kind == "image" \
+        else ["--task", "caption"]
+    new_tokens = args.max_new_tokens or ("16" if args.kind == "image" else "64")
+    runs = []
+    for actors in [int(n) for n in args.gpu_actors.split(",")]:
+        output = work / f"out-{actors}"
+        started = time.perf_counter()
+        code = job_main(args.kind, "benchmark", base={},
+                        argv=["--input", str(source), "--output", str(output), "--method", args.method,
+                              "--budget", args.budget, "--max-new-tokens", new_tokens, "--num-frames", "16",
+                              "--batch-size", args.batch_size, "--gpu-actors", str(actors),
+                              "--cpu-actors", args.cpu_actors, "--warmup", *task, *model_arg])
+        job_seconds = time.perf_counter() - started
+        table = pads.dataset(str(output), format="parquet").to_table()
+        figures = run_metrics(table, gpu_hour_usd=1.0)
+        runs.append({"gpu_actors": actors, "exit_code": code, "job_seconds": job_seconds,
+                     "rows_per_s_job": len(table) / job_seconds, **figures})
+        print(f"{actors} engine(s): {figures.get('samples_per_s', 0):.2f} rows/s over the engines' span "
+              f"({figures.get('span_s', 0):.1f}s), job {job_seconds:.1f}s, errors {figures['errors']}", flush=True)
+    base = runs[0].get("samples_per_s")
+    for run in runs:
+        run["scaling_vs_first"] = run["samples_per_s"] / base if base and run.get("samples_per_s") else None
+    report = {"command": " ".join(["python", *sys.argv]), "model": args.model, "kind": args.kind,
+              "rows": args.rows, "method": f"{args.method}-{args.budget}", "runs": runs}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

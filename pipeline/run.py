@@ -137,11 +137,16 @@ def run_job(config: JobConfig, kind: str) -> Plan:
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    use_gpu = gpus > 0 if config.resources.use_gpu is None else config.resources.use_gpu
     gpu_actors = config.resources.gpu_actors or max(gpus, 1)
     # Actors hold their CPUs for the whole run; read and write tasks need one more, or the
-    # pipeline waits forever on a small machine. So actors get a fraction when CPUs are few.
-    cpu_actors = max(1, min(config.resources.cpu_actors, cpus - gpu_actors - 1))
-    actor_cpus = min(1.0, (cpus - 1) / (cpu_actors + gpu_actors)) if cpus > 1 else 0.5
+    # pipeline waits forever on a small machine. So actors get a fraction when CPUs are few,
+    # unless the config says GPUs come later (an autoscaling cluster: it grows to the request).
+    if config.resources.use_gpu is not None or cpus - 1 >= config.resources.cpu_actors + gpu_actors:
+        cpu_actors, actor_cpus = config.resources.cpu_actors, 1.0
+    else:
+        cpu_actors = max(1, min(config.resources.cpu_actors, cpus - gpu_actors - 1))
+        actor_cpus = min(1.0, (cpus - 1) / (cpu_actors + gpu_actors)) if cpus > 1 else 0.5
     model_name = "embedded tiny-qwen2_5_vl (random weights)" if plan.model_path == EMBEDDED_MODEL else plan.model_path
     # Blocks of one engine batch: rows stream through both stages and each written file is one
     # batch, so a killed run loses at most the batches in flight.
@@ -152,7 +157,7 @@ def run_job(config: JobConfig, kind: str) -> Plan:
                             num_cpus=actor_cpus)
                .map_batches(Predictor, fn_constructor_args=(plan.model_path, model_name, job),
                             batch_size=config.resources.batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=gpu_actors), num_gpus=1 if gpus else 0,
+                            compute=ray.data.ActorPoolStrategy(size=gpu_actors), num_gpus=1 if use_gpu else 0,
                             num_cpus=actor_cpus))
     dataset.write_parquet(plan.output_uri)
     return plan

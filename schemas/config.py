@@ -86,6 +86,8 @@ class MediaConfig(_Section):
 
 class ResourcesConfig(_Section):
     gpu_actors: int | None = Field(None, ge=1, description="engines, one GPU each (default: every GPU; 1 on CPU)")
+    use_gpu: bool | None = Field(None, description="engines on GPUs: default if the cluster has GPUs when the job "
+                                                   "starts; true on autoscaling clusters whose GPU workers come later")
     cpu_actors: int = Field(2, ge=1, description="decode/preprocess actors")
     batch_size: int = Field(64, ge=1, description="rows per engine call (the engine packs inside it)")
     warmup: bool = Field(False, description="run each GPU actor's first batch twice and keep the second, so that "
