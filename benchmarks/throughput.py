@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, device_for, load_model, make_samples, stack_identical  # noqa: E402
+from workloads import HF_BEST_BATCH, WORKLOADS, device_for, load_model, make_samples, stack_identical  # noqa: E402
 
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 
@@ -99,14 +99,28 @@ def run_engine(engine: VLMEngine, samples: list[dict], max_new_tokens: int, repe
             "attention_backend": engine.backend.name}
 
 
+def write_report(args, device: torch.device, rows: list[dict]) -> None:
+    if not args.json:
+        return
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision, "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", choices=["tiny", "qwen2_5_vl_7b"])
     parser.add_argument("--workloads", default="vqa-1024,caption-1024")
     parser.add_argument("--num-samples", type=int, default=None, help="engine samples per workload "
                         "(default: 16 on tiny, 128 for VQA and 64 otherwise on 7B)")
-    parser.add_argument("--hf-batch-sizes", default=None, help="comma list (default 1,4 tiny; 1,16,32 on 7B; "
-                        "empty: skip HF)")
+    parser.add_argument("--hf-batch-sizes", default=None, help="comma list (default 1,4 tiny; on 7B the "
+                        "anchors' best batch of each workload; empty: skip HF)")
     parser.add_argument("--methods", default="none,sparsevlm-128",
                         help="engine configurations: none, METHOD-PRESET or METHOD-rRATIO, comma separated")
     parser.add_argument("--repeats", type=int, default=2)
@@ -120,15 +134,15 @@ def main() -> None:
     model, processor = load_model(args.model, str(device))
     engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                     compile_vision=not args.no_compile_vision))
-    sizes = args.hf_batch_sizes if args.hf_batch_sizes is not None else ("1,4" if tiny else "1,16,32")
-    hf_batch_sizes = [int(b) for b in sizes.split(",") if b]
     methods = [parse_method(m) for m in args.methods.split(",")]
     rows = []
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]
         n = args.num_samples or (16 if tiny else (128 if name.startswith("vqa") else 64))
         samples = make_samples(processor, workload, n, args.model)
-        for batch_size in hf_batch_sizes:
+        sizes = args.hf_batch_sizes if args.hf_batch_sizes is not None else \
+            ("1,4" if tiny else str(HF_BEST_BATCH[name]))
+        for batch_size in [int(b) for b in sizes.split(",") if b]:
             row = run_hf(model, samples[0], batch_size, workload.max_new_tokens, args.repeats, device)
             rows.append({"workload": name, **row})
             print(f"{name:<13} hf_generate  batch {batch_size:>4}: {row['samples_per_s']:8.2f} samples/s", flush=True)
@@ -145,6 +159,7 @@ def main() -> None:
                   f"(vision {row['vision_s']:.2f}s prefill {row['prefill_s']:.2f}s of which sparse "
                   f"{row['sparse_s']:.3f}s, decode {row['decode_s']:.2f}s; kept {row['n_visual_tokens_kept_mean']:.0f}"
                   f"/{row['n_visual_tokens']})", flush=True)
+            write_report(args, device, rows)  # after every row: a run cut short still leaves its numbers
 
     print(f"\n{'workload':<13} {'system':<22} {'batch':>5} {'samples/s':>10} {'vs HF best':>10} {'vs dense':>8} "
           f"{'sparse %':>8} {'peak GB':>8}")
@@ -154,16 +169,7 @@ def main() -> None:
         print(f"{row['workload']:<13} {row['system']:<22} {row['batch_size']:>5} {row['samples_per_s']:>10.2f} "
               f"{fmt(row.get('speedup_vs_hf_best'), '>9.2f')}x {fmt(row.get('speedup_vs_engine_dense'), '>7.2f')}x "
               f"{fmt(None if share is None else 100 * share, '>8.2f')} {fmt(row['peak_memory_gb'], '>8.1f')}")
-    report = {
-        "command": " ".join(["python", *sys.argv]),
-        "model": args.model,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision, "rows": rows,
-    }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(args, device, rows)
     print(json.dumps({"summary": {f"{r['workload']} {r['method']}": {
         "vs_hf_best": r["speedup_vs_hf_best"] and round(r["speedup_vs_hf_best"], 2),
         "vs_engine_dense": r["speedup_vs_engine_dense"] and round(r["speedup_vs_engine_dense"], 2)}

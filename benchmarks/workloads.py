@@ -37,6 +37,8 @@ WORKLOADS = {w.name: w for w in [
     Workload("caption-1024", 896, 0, 128),
     Workload("video-16f", 448, 16, 64),
 ]}
+# HF generate's best batch per workload on the H100 (BENCHMARKS.md anchors): its baseline.
+HF_BEST_BATCH = {"vqa-256": 64, "vqa-1024": 16, "caption-1024": 16, "video-16f": 16}
 TINY_SCALE = 4  # the tiny model sees images 4x smaller per side (16x fewer visual tokens)
 
 QUESTION = ("Look carefully at the picture and answer the question about the objects, their colours, their "

@@ -106,7 +106,7 @@ def test_report_builds_from_the_embedded_default_quickly(built_report):
 def test_report_numbers_match_the_parquet_they_came_from(built_report):
     folder, _ = built_report
     report = json.loads((folder / "report.json").read_text())
-    tables = {run["name"]: pq.read_table(run["path"]).to_pylist() for run in report["runs"]}
+    tables = {run["name"]: pq.read_table(folder / run["path"]).to_pylist() for run in report["runs"]}
     dense = {r["id"]: r["output"] for r in tables["dense"] if r["error"] is None}
     for run in report["runs"]:
         rows = tables[run["name"]]

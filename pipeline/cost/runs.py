@@ -37,5 +37,7 @@ def run_configurations(names: list[str], kind: str, common: dict, config_file: s
               flush=True)
         run_job(config, kind)
         print(f"[{i}/{len(names)}] {name}: done in {time.perf_counter() - started:.1f}s", flush=True)
-        runs.append(Run.read(name, str(output), changes))
+        run = Run.read(name, str(output), changes)
+        run.path = str(output.relative_to(folder.parent))  # the report folder moves as a whole
+        runs.append(run)
     return runs
