@@ -129,3 +129,14 @@ def test_report_numbers_match_the_parquet_they_came_from(built_report):
     assert runs["sparsevlm-192"]["kept_tokens_mean"] < runs["dense"]["kept_tokens_mean"]
     assert runs["dense-lowres"]["visual_tokens_mean"] < runs["dense"]["visual_tokens_mean"]
     assert runs["dense"]["speedup_vs_baseline"] == 1.0
+
+
+def test_runs_without_timing_columns_are_refused_clearly(tmp_path):
+    from pipeline.cost.report import Run
+
+    old = pa.Table.from_pylist([{"id": "a", "output": "x", "error": None}])
+    pq.write_table(old, tmp_path / "part-0.parquet")
+    with pytest.raises(ValueError, match="older version"):
+        Run.read("old", str(tmp_path))
+    with pytest.raises(ValueError, match="cannot read Parquet"):
+        Run.read("missing", str(tmp_path / "nowhere"))

@@ -24,7 +24,15 @@ class Run:
 
     @classmethod
     def read(cls, name: str, path: str, overrides: dict | None = None) -> "Run":
-        return cls(name, path, pads.dataset(path, format="parquet").to_table(), overrides or {})
+        try:
+            table = pads.dataset(path, format="parquet").to_table()
+        except (OSError, pa.ArrowInvalid) as error:
+            raise ValueError(f"run {name!r}: cannot read Parquet from {path}: {error}") from None
+        missing = [c for c in ("started_at", "finished_at", "worker", "device") if c not in table.column_names]
+        if missing or not len(table):
+            raise ValueError(f"run {name!r} at {path}: " + (f"no {', '.join(missing)} columns (written by an "
+                             "older version of the jobs: run it again)" if missing else "no rows"))
+        return cls(name, path, table, overrides or {})
 
 
 @dataclass
@@ -160,7 +168,7 @@ def _gallery(runs: list[Run], context: Context) -> bytes | None:
             logger.warning("gallery: cannot show %r (%s)", row_id, error)
             continue
         row = [panel(frame, kept[run.name][row_id], context.model_path, context.kind,
-                     run.overrides.get("media.max_pixels"), f"{row_id} · {run.name}")
+                     run.overrides.get("media.max_pixels"), f"{row_id}\n{run.name}")
                for run in pruned if kept[run.name].get(row_id) is not None]
         if row:
             rows.append(row)
