@@ -58,8 +58,8 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE with Qwen's special tokens and chat template."""
+def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):
+    """A byte-level BPE with Qwen's special tokens and chat template, trained on `corpus` lines."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,7 +68,7 @@ def build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS.split("\n"), trainer)
+    tok.train_from_iterator(corpus or _CORPUS.split("\n"), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=QWEN_VL_CHAT_TEMPLATE)
 

@@ -1,0 +1,277 @@
+"""Procedural scene VQA: images and short videos whose answers live in one region.
+
+Deterministic by seed: sample i of seed s is drawn from its own `random.Random`, so any
+subset regenerates identically. Images are square, 448-672 px: a few objects (shape,
+colour, size, a few with a short word on them) on a cluttered background. Questions:
+
+    colour    What colour is the large triangle?          -> red
+    shape     What shape is the blue object?              -> circle
+    exists    Is there a green square?                    -> yes / no
+    position  Is the red circle left of the blue square?  -> yes / no   (also above / below / right)
+    count     How many triangles are there?               -> two
+    read      What word is on the yellow square?          -> fish
+    motion    Which way does the red circle move?         -> left      (videos)
+    order     Which appears first, the red circle or the blue square?  -> red circle   (videos)
+
+Every object a question names is unique under its description (colour + shape, or the
+words used), so each answer is determined by one region of the image.
+
+    python benchmarks/scenes.py --seed 0 --n 8 --out /tmp/scenes    # writes PNGs and questions.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 200, 30),
+           "purple": (148, 70, 180), "orange": (245, 130, 20)}
+SIZES = {"small": (26, 34), "large": (52, 66)}  # half-extent in px at 448; scaled with the image
+WORDS = ("cat", "dog", "sun", "box", "car", "tree", "fish", "star", "moon", "ship")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+DIRECTIONS = ("left", "right", "up", "down")
+IMAGE_TYPES = ("colour", "shape", "exists", "position", "count", "read")
+VIDEO_TYPES = ("motion", "order")
+VIDEO_SIZE, VIDEO_FRAMES = 448, 8
+
+
+@dataclass
+class Thing:
+    shape: str
+    colour: str
+    size: str
+    x: float  # centre, px
+    y: float
+    r: float  # half-extent, px
+    word: str | None = None
+    appears_at: int = 0  # first video frame it is visible in
+    velocity: tuple[float, float] = (0.0, 0.0)  # px per frame
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class Sample:
+    kind: str  # image or video
+    question: str
+    answer: str
+    qtype: str
+    frames: list[Image.Image] = field(repr=False)  # one for an image
+    things: list[Thing] = field(default_factory=list, repr=False)  # what was drawn (for checks)
+
+    @property
+    def media(self) -> Image.Image | list[Image.Image]:
+        return self.frames[0] if self.kind == "image" else self.frames
+
+
+# --- drawing -------------------------------------------------------------------------------
+
+
+def _background(rng: random.Random, size: int) -> Image.Image:
+    """Muted clutter: it must look like texture, never like an object."""
+    base = tuple(rng.randint(150, 200) for _ in range(3))
+    image = Image.new("RGB", (size, size), base)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(30, 60)):
+        shade = tuple(max(0, min(255, c + rng.randint(-45, 45))) for c in base)
+        x0, y0 = rng.uniform(0, size), rng.uniform(0, size)
+        if rng.random() < 0.6:
+            angle, length = rng.uniform(0, math.pi), rng.uniform(20, size / 3)
+            draw.line([x0, y0, x0 + length * math.cos(angle), y0 + length * math.sin(angle)], fill=shade,
+                      width=rng.randint(1, 3))
+        else:
+            r = rng.uniform(2, 6)
+            draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=shade)
+    return image
+
+
+def _draw(draw: ImageDraw.ImageDraw, thing: Thing, x: float, y: float, font_size: int) -> None:
+    r, fill = thing.r, COLOURS[thing.colour]
+    if thing.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif thing.shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif thing.shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r * 0.85), (x - r, y + r * 0.85)], fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    if thing.word:
+        font = ImageFont.load_default(size=font_size)
+        ink = (0, 0, 0) if thing.colour in ("yellow", "orange", "green") else (255, 255, 255)
+        draw.text((x, y + (r * 0.2 if thing.shape == "triangle" else 0)), thing.word, fill=ink, font=font,
+                  anchor="mm")
+
+
+def render(things: list[Thing], background: Image.Image, frame: int = 0) -> Image.Image:
+    image = background.copy()
+    draw = ImageDraw.Draw(image)
+    font_size = max(14, round(background.width / 448 * 22))
+    for thing in things:
+        if frame >= thing.appears_at:
+            x, y = thing.x + thing.velocity[0] * frame, thing.y + thing.velocity[1] * frame
+            _draw(draw, thing, x, y, font_size)
+    return image
+
+
+def _place(rng: random.Random, things: list[Thing], size: int, r: float, margin: float) -> tuple[float, float] | None:
+    for _ in range(200):
+        x, y = rng.uniform(margin + r, size - margin - r), rng.uniform(margin + r, size - margin - r)
+        if all(math.hypot(x - t.x, y - t.y) > r + t.r + 10 for t in things):
+            return x, y
+    return None
+
+
+def _scene(rng: random.Random, size: int, count: int, margin: float = 0.0, words: int = 0) -> list[Thing]:
+    """`count` objects, distinct (colour, shape) pairs, not overlapping; `words` large ones labelled."""
+    scale = size / 448
+    pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], count)
+    things: list[Thing] = []
+    for colour, shape in pairs:
+        size_name = rng.choice(list(SIZES))
+        r = rng.uniform(*SIZES[size_name]) * scale
+        spot = _place(rng, things, size, r, margin)
+        if spot is not None:
+            things.append(Thing(shape, colour, size_name, spot[0], spot[1], r))
+    large = [t for t in things if t.size == "large"]
+    for thing, word in zip(rng.sample(large, min(words, len(large))), rng.sample(WORDS, len(WORDS))):
+        thing.word = word
+    return things
+
+
+# --- questions -----------------------------------------------------------------------------
+
+
+def _unique(things: list[Thing], **attrs) -> list[Thing]:
+    """Objects that are the only one with their values of `attrs` (e.g. shape and size)."""
+    keys = [tuple(getattr(t, a) for a in attrs) for t in things]
+    return [t for t, k in zip(things, keys) if keys.count(k) == 1]
+
+
+def _ask(rng: random.Random, qtype: str, things: list[Thing]) -> tuple[str, str] | None:
+    if qtype == "colour":
+        by_shape = _unique(things, shape=1)
+        if by_shape:
+            t = rng.choice(by_shape)
+            return f"What colour is the {t.shape}?", t.colour
+        by_size = _unique(things, shape=1, size=1)
+        t = rng.choice(by_size) if by_size else None
+        return (f"What colour is the {t.size} {t.shape}?", t.colour) if t else None
+    if qtype == "shape":
+        choices = _unique(things, colour=1)
+        t = rng.choice(choices) if choices else None
+        return (f"What shape is the {t.colour} object?", t.shape) if t else None
+    if qtype == "exists":
+        present = {(t.colour, t.shape) for t in things}
+        if rng.random() < 0.5:
+            colour, shape = rng.choice(sorted(present))
+            return f"Is there a {colour} {shape}?", "yes"
+        colour, shape = rng.choice(sorted({(c, s) for c in COLOURS for s in SHAPES} - present))
+        return f"Is there a {colour} {shape}?", "no"
+    if qtype == "position":
+        pairs = [(a, b) for a in things for b in things if a is not b]
+        rng.shuffle(pairs)
+        for a, b in pairs:
+            relation = rng.choice(["left of", "right of", "above", "below"])
+            dx, dy = a.x - b.x, a.y - b.y
+            gap = {"left of": -dx, "right of": dx, "above": -dy, "below": dy}[relation]
+            if abs(gap) > a.r + b.r:  # no borderline cases
+                return f"Is the {a.name} {relation} the {b.name}?", "yes" if gap > 0 else "no"
+        return None
+    if qtype == "count":
+        shape = rng.choice(SHAPES)
+        n = sum(t.shape == shape for t in things)
+        return f"How many {shape}s are there?", NUMBERS[n]
+    if qtype == "read":
+        labelled = [t for t in things if t.word]
+        t = rng.choice(labelled) if labelled else None
+        return (f"What word is on the {t.name}?", t.word) if t else None
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def make_image_sample(rng: random.Random, qtype: str) -> Sample:
+    size = rng.randrange(448, 673, 28)
+    while True:
+        things = _scene(rng, size, rng.randint(3, 6), words=1 if qtype == "read" else rng.choice([0, 0, 1]))
+        asked = _ask(rng, qtype, things)
+        if asked:
+            return Sample("image", asked[0], asked[1], qtype, [render(things, _background(rng, size))], things)
+
+
+def make_video_sample(rng: random.Random, qtype: str) -> Sample:
+    size, frames = VIDEO_SIZE, VIDEO_FRAMES
+    travel = size * 0.25  # over the clip: clearly visible motion
+    things: list[Thing] = []
+    while len(things) < 2:  # the margin leaves little room: draw again until two objects fit
+        things = _scene(rng, size, rng.randint(2, 4), margin=travel)
+    if qtype == "motion":
+        mover = rng.choice(things)
+        direction = rng.choice(DIRECTIONS)
+        step = travel / (frames - 1)
+        mover.velocity = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step)}[direction]
+        question, answer = f"Which way does the {mover.name} move?", direction
+    else:
+        first, second = rng.sample(things, 2)
+        early = rng.randint(0, frames // 2 - 1)
+        first.appears_at, second.appears_at = early, rng.randint(early + 2, frames - 2)
+        for other in things:
+            if other is not first and other is not second:
+                other.appears_at = rng.randint(0, frames - 1)
+        shown = [first, second] if rng.random() < 0.5 else [second, first]
+        question = f"Which appears first, the {shown[0].name} or the {shown[1].name}?"
+        answer = first.name
+    background = _background(rng, size)
+    return Sample("video", question, answer, qtype, [render(things, background, f) for f in range(frames)], things)
+
+
+def generate(seed: int, n: int, qtypes: tuple[str, ...] = IMAGE_TYPES + VIDEO_TYPES) -> list[Sample]:
+    """`n` samples cycling through `qtypes`; sample i depends on (seed, i) only."""
+    return [sample_at(seed, i, qtypes) for i in range(n)]
+
+
+def sample_at(seed: int, index: int, qtypes: tuple[str, ...] = IMAGE_TYPES + VIDEO_TYPES) -> Sample:
+    rng = random.Random(seed * 1_000_003 + index)
+    qtype = qtypes[index % len(qtypes)]
+    return make_video_sample(rng, qtype) if qtype in VIDEO_TYPES else make_image_sample(rng, qtype)
+
+
+def corpus() -> list[str]:
+    """Every word a question or answer can use: the probe's tokenizer is trained on it."""
+    names = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    lines = [f"What colour is the {z} {s}? What shape is the {c} object? Is there a {c} {s}? How many {s}s are there?"
+             for c in COLOURS for s in SHAPES for z in SIZES]
+    lines += [f"Is the {a} {rel} the {b}? yes no" for a in names[:6] for b in names[-6:]
+              for rel in ("left of", "right of", "above", "below")]
+    lines += [f"What word is on the {a}? {' '.join(WORDS)}" for a in names]
+    lines += [f"Which way does the {a} move? {' '.join(DIRECTIONS)} Which appears first, the {a} or the {b}?"
+              for a in names[:8] for b in names[8:16]]
+    lines += [" ".join(NUMBERS), "Answer with one or two words."]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    listing = []
+    for i, sample in enumerate(generate(args.seed, args.n)):
+        sample.frames[0].save(args.out / f"{i:04d}.png")
+        listing.append({"index": i, "kind": sample.kind, "type": sample.qtype, "question": sample.question,
+                        "answer": sample.answer, "frames": len(sample.frames)})
+    (args.out / "questions.json").write_text(json.dumps(listing, indent=2))
+    print(json.dumps(listing, indent=2))
+
+
+if __name__ == "__main__":
+    main()
