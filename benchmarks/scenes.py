@@ -17,11 +17,14 @@ Every object a question names is unique under its description (colour + shape, o
 words used), so each answer is determined by one region of the image.
 
     python benchmarks/scenes.py --seed 0 --n 8 --out /tmp/scenes    # writes PNGs and questions.json
+    python benchmarks/scenes.py --seed 0 --n 256 --parquet /tmp/scenes.parquet --kind image
+        # a job / cost-report input: id, image (PNG bytes), prompt, answer (the cost report scores it)
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import random
@@ -257,12 +260,55 @@ def corpus() -> list[str]:
     return lines
 
 
+def write_parquet(path: Path, seed: int, n: int, kind: str) -> None:
+    """n scenes of one kind as a job input: image as PNG bytes, video as an MP4 (needs PyAV)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    qtypes = IMAGE_TYPES if kind == "image" else VIDEO_TYPES
+    rows = {"id": [], kind: [], "prompt": [], "answer": [], "type": []}
+    for i, sample in enumerate(generate(seed, n, qtypes)):
+        rows["id"].append(f"scene-{seed}-{i:05d}")
+        rows[kind].append(_png(sample.frames[0]) if kind == "image" else _mp4(sample.frames))
+        rows["prompt"].append(sample.question + " Answer with one or two words.")
+        rows["answer"].append(sample.answer)
+        rows["type"].append(sample.qtype)
+    pq.write_table(pa.table(rows), path)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _mp4(frames: list[Image.Image], fps: int = 4) -> bytes:
+    import av  # optional: only for writing video datasets
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="folder for PNGs and questions.json")
+    parser.add_argument("--parquet", type=Path, help="write a job input Parquet instead")
+    parser.add_argument("--kind", choices=["image", "video"], default="image", help="for --parquet")
     args = parser.parse_args()
+    if args.parquet:
+        write_parquet(args.parquet, args.seed, args.n, args.kind)
+        print(f"wrote {args.n} {args.kind} scenes to {args.parquet}")
+        return
+    if not args.out:
+        parser.error("give --out or --parquet")
     args.out.mkdir(parents=True, exist_ok=True)
     listing = []
     for i, sample in enumerate(generate(args.seed, args.n)):

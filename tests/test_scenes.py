@@ -97,3 +97,17 @@ def test_command_line_writes_pictures_and_questions(tmp_path):
                     "--out", str(tmp_path)], check=True, capture_output=True)
     listing = json.loads((tmp_path / "questions.json").read_text())
     assert len(listing) == 3 and all((tmp_path / f"{i:04d}.png").exists() for i in range(3))
+
+
+def test_parquet_is_a_job_input_with_references(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.media import decode_image
+
+    scenes.write_parquet(tmp_path / "scenes.parquet", seed=4, n=6, kind="image")
+    table = pq.read_table(tmp_path / "scenes.parquet")
+    assert table.column_names == ["id", "image", "prompt", "answer", "type"]
+    expected = scenes.generate(4, 6, scenes.IMAGE_TYPES)
+    assert table.column("answer").to_pylist() == [s.answer for s in expected]
+    image = decode_image(table.column("image")[0].as_py(), 10**8)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected[0].frames[0]))
