@@ -66,8 +66,8 @@ def encode(processor: QwenVLProcessor, sample: scenes.Sample, with_answer: bool 
     n_prompt = encoded["input_ids"].shape[1]
     encoded["input_ids"] = torch.cat([encoded["input_ids"], answer], dim=1)
     encoded["attention_mask"] = torch.ones_like(encoded["input_ids"])
-    encoded["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(answer, dtype=torch.int32)],
-                                             dim=1)
+    text_type = torch.zeros_like(answer, dtype=torch.int32)
+    encoded["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], text_type], dim=1)
     encoded["labels"] = encoded["input_ids"].clone()
     encoded["labels"][:, :n_prompt] = -100
     return encoded

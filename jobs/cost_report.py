@@ -29,6 +29,7 @@ from pipeline.cost.configs import DEFAULT_CONFIGS, overrides_for  # noqa: E402
 from pipeline.cost.render import to_html, to_markdown  # noqa: E402
 from pipeline.cost.report import Context, Run, blocks, compute, summary_table  # noqa: E402
 from pipeline.cost.runs import run_configurations  # noqa: E402
+from pipeline.model_source import EMBEDDED_MODEL  # noqa: E402
 from pipeline.run import SAMPLE_DATA  # noqa: E402
 from schemas import ConfigError, JobConfig  # noqa: E402
 
@@ -100,13 +101,16 @@ def main(argv: list[str] | None = None) -> int:
                                       output / "runs", args.lowres_max_pixels)
         input_uri = job.input.uri or str(SAMPLE_DATA[args.kind])
         media_column = job.input.media_column or args.kind
+        # finished runs of unknown inputs: no gallery or references unless --input says where they are
+        knows_inputs = not args.from_runs or job.input.uri is not None
         context = Context(
             command=shlex.join(["python", "jobs/cost_report.py", *(sys.argv[1:] if argv is None else argv)]),
             dataset=args.input or f"shipped sample {args.kind}s", kind=args.kind,
-            model_path=job.model.path or "embedded:tiny-qwen2_5_vl", gpu_hour_usd=args.gpu_hour_usd,
+            model_path=job.model.path or EMBEDDED_MODEL, gpu_hour_usd=args.gpu_hour_usd,
             baseline=args.baseline, media=job.media.model_dump(),
-            references=references(input_uri, job.input.id_column, args.reference_column),
-            gallery_source=(input_uri, job.input.id_column, media_column), gallery_size=args.gallery)
+            references=references(input_uri, job.input.id_column, args.reference_column) if knows_inputs else None,
+            gallery_source=(input_uri, job.input.id_column, media_column) if knows_inputs else None,
+            gallery_size=args.gallery)
         report = compute(runs, context)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ killed run left half-written are unreadable and are deleted first, so their rows
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from schemas.rows import empty_row, output_schema
 from .model_source import EMBEDDED_MODEL, REPO
 
 logger = logging.getLogger(__name__)
+PREPROCESS_BATCH = 4  # rows per CPU-actor call: small, so decoding streams into engine batches
 SAMPLE_DATA = {"image": REPO / "jobs" / "sample_data" / "images.parquet",
                "video": REPO / "jobs" / "sample_data" / "videos.parquet"}
 
@@ -138,21 +140,24 @@ def run_job(config: JobConfig, kind: str) -> Plan:
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     use_gpu = gpus > 0 if config.resources.use_gpu is None else config.resources.use_gpu
-    gpu_actors = config.resources.gpu_actors or max(gpus, 1)
+    # a small job gets no idle actors: each costs a process start and, on GPUs, a model load
+    todo = max(1, plan.n_input - plan.n_done)
+    gpu_actors = min(config.resources.gpu_actors or max(gpus, 1), math.ceil(todo / config.resources.batch_size))
+    wanted_cpu_actors = min(config.resources.cpu_actors, math.ceil(todo / PREPROCESS_BATCH))
     # Actors hold their CPUs for the whole run; read and write tasks need one more, or the
     # pipeline waits forever on a small machine. So actors get a fraction when CPUs are few,
     # unless the config says GPUs come later (an autoscaling cluster: it grows to the request).
-    if config.resources.use_gpu is not None or cpus - 1 >= config.resources.cpu_actors + gpu_actors:
-        cpu_actors, actor_cpus = config.resources.cpu_actors, 1.0
+    if config.resources.use_gpu is not None or cpus - 1 >= wanted_cpu_actors + gpu_actors:
+        cpu_actors, actor_cpus = wanted_cpu_actors, 1.0
     else:
-        cpu_actors = max(1, min(config.resources.cpu_actors, cpus - gpu_actors - 1))
+        cpu_actors = max(1, min(wanted_cpu_actors, cpus - gpu_actors - 1))
         actor_cpus = min(1.0, (cpus - 1) / (cpu_actors + gpu_actors)) if cpus > 1 else 0.5
     model_name = "embedded tiny-qwen2_5_vl (random weights)" if plan.model_path == EMBEDDED_MODEL else plan.model_path
     # Blocks of one engine batch: rows stream through both stages and each written file is one
     # batch, so a killed run loses at most the batches in flight.
     dataset = (dataset.map_batches(not_skipped, batch_format="pyarrow")
                .repartition(target_num_rows_per_block=config.resources.batch_size)
-               .map_batches(Preprocessor, fn_constructor_args=(plan.model_path, kind, job), batch_size=4,
+               .map_batches(Preprocessor, fn_constructor_args=(plan.model_path, kind, job), batch_size=PREPROCESS_BATCH,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cpu_actors),
                             num_cpus=actor_cpus)
                .map_batches(Predictor, fn_constructor_args=(plan.model_path, model_name, job),

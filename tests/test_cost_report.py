@@ -140,3 +140,19 @@ def test_runs_without_timing_columns_are_refused_clearly(tmp_path):
         Run.read("old", str(tmp_path))
     with pytest.raises(ValueError, match="cannot read Parquet"):
         Run.read("missing", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_from_runs_gives_the_same_figures(built_report, tmp_path):
+    from jobs.cost_report import main
+
+    folder, _ = built_report
+    original = json.loads((folder / "report.json").read_text())
+    runs = [str(folder / run["path"]) for run in original["runs"]]
+    assert main(["--from-runs", *runs, "--output", str(tmp_path), "--gpu-hour-usd", "4.0"]) == 0
+    again = json.loads((tmp_path / "report.json").read_text())
+    for before, after in zip(original["runs"], again["runs"]):
+        assert before["name"] == after["name"]
+        for key in ("samples_per_s", "usd_per_million_samples", "kept_tokens_mean", "agreement_with_baseline"):
+            assert before[key] == after[key], key
+    assert not (tmp_path / "gallery.png").exists()  # finished runs of unknown inputs: no gallery without --input
