@@ -2,6 +2,8 @@
 
     python benchmarks/train_probe.py --out jobs/models/scene-probe --minutes 15     # one H100
     python benchmarks/train_probe.py --out /tmp/probe --minutes 1 --small          # CPU smoke run
+    python benchmarks/train_probe.py --out /tmp/probe --archive $OUT               # + the checkpoint as
+        # probe.tar.gz.partNN files of at most 15 MiB; back on this side: cat probe.tar.gz.part* | tar xz
 
 Fresh scenes every step (benchmarks/scenes.py, drawn in DataLoader workers, seeds disjoint
 from the test seeds' range), preprocessed by the same processor the engine uses at
@@ -13,9 +15,11 @@ the jobs load, and `training.json` (command, steps, loss curve, held-out accurac
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -125,6 +129,19 @@ def evaluate(model, processor, device, seed: int, n: int) -> dict:
             "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}
 
 
+def archive(folder: Path, into: Path, part_bytes: int = 15 * 2**20) -> list[Path]:
+    """`folder` as a .tar.gz split into parts of at most `part_bytes` (the device returns files <= 16 MiB)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    data, parts = buffer.getvalue(), []
+    into.mkdir(parents=True, exist_ok=True)
+    for index, start in enumerate(range(0, len(data), part_bytes)):
+        parts.append(into / f"{folder.name}.tar.gz.part{index:02d}")
+        parts[-1].write_bytes(data[start:start + part_bytes])
+    return parts
+
+
 def main() -> None:
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
@@ -137,6 +154,7 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=400)
     parser.add_argument("--small", action="store_true", help="a smaller model (CPU smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--archive", type=Path, help="also write the checkpoint here as .tar.gz parts of <= 15 MiB")
     args = parser.parse_args()
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,6 +207,8 @@ def main() -> None:
                                                                    if device.type == "cuda" else "cpu"),
         "parameters": params, "steps": step, "batch_size": args.batch_size, "seconds": time.perf_counter() - started,
         "loss_curve": curve, "held_out": {"seed": 99, **result}}, indent=2))
+    if args.archive:
+        print("archive:", *archive(args.out, args.archive))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ import train_probe  # noqa: E402
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A few CPU training steps of the small probe: a real checkpoint, not a good one."""
-    out = tmp_path_factory.mktemp("probe")
+    out = tmp_path_factory.mktemp("probe") / "scene-probe"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_probe.py"), "--out", str(out), "--minutes",
-                    "0.05", "--small", "--workers", "0", "--batch-size", "2", "--eval-n", "8"],
-                   check=True, capture_output=True)
+                    "0.05", "--small", "--workers", "0", "--batch-size", "2", "--eval-n", "8",
+                    "--archive", str(out.parent / "parts")], check=True, capture_output=True)
     return out
 
 
@@ -58,3 +58,20 @@ def test_training_writes_a_checkpoint_the_accuracy_benchmark_reads(checkpoint, t
     assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0 and result["method"] == "sparsevlm-64"
     assert set(result["by_type"]) == set(scenes.IMAGE_TYPES + scenes.VIDEO_TYPES)
     assert result["equiv_visual_tokens_mean"] < result["visual_tokens_mean"]
+
+
+@pytest.mark.slow
+def test_archive_parts_rebuild_the_checkpoint(checkpoint, tmp_path):
+    import tarfile
+
+    parts = sorted((checkpoint.parent / "parts").glob("scene-probe.tar.gz.part*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    joined = tmp_path / "probe.tar.gz"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(joined) as tar:
+        tar.extractall(tmp_path, filter="data")
+    for original in checkpoint.iterdir():
+        assert (tmp_path / "scene-probe" / original.name).read_bytes() == original.read_bytes()
+
+    small = train_probe.archive(checkpoint, tmp_path / "small-parts", part_bytes=100_000)
+    assert len(small) > 1 and b"".join(p.read_bytes() for p in small)[:2] == b"\x1f\x8b"  # gzip, split
