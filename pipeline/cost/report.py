@@ -107,7 +107,8 @@ def summary_table(report: dict) -> Table:
             rows.append([e["name"], *["n/a"] * 13, f"{e['errors']} of {e['rows']}"])
             continue
         rows.append([
-            f"`{e['name']}`", _num(e["samples_per_s"]), _num(e["speedup_vs_baseline"]) + "x",
+            f"`{e['name']}`", _num(e["samples_per_s"]),
+            "n/a" if e["speedup_vs_baseline"] is None else f"{e['speedup_vs_baseline']:.2f}x",
             _num(e["generated_tokens_per_s"], 1), _num(e["gpu_s_per_sample"], 4), _num(e["usd_per_million_samples"]),
             _num(e["visual_tokens_mean"], 1), _pair(e["kept_tokens_quantiles"], ("p10", "p50", "p90"), 0),
             _num(e["equiv_tokens_mean"], 1), _pair(e["prefill_ms"]), _pair(e["decode_ms"]),
@@ -126,8 +127,8 @@ def blocks(report: dict, runs: list[Run], context: Context) -> list:
         Heading("Summary"),
         summary_table(report),
         Text("How to read it. Throughput runs from the first engine call's start to the last one's end, so Ray "
-             "start-up, model loading and each GPU actor's warm-up batch (run twice, the first discarded) are "
-             "left out, while time the GPUs waited for the CPU stage is in. GPU-s / sample bills every GPU actor "
+             "start-up, model loading and, for runs made with `--warmup` (the report's own are), each GPU "
+             "actor's first batch's compilation are left out, while time the GPUs waited for the CPU stage is in. GPU-s / sample bills every GPU actor "
              "for that whole span; $ / 1M samples = GPU-s / sample x 1e6 / 3600 x $/GPU-hour. Visual tokens: "
              "per sample, before pruning, after the last pruning layer (merged tokens included) and averaged "
              "over all decoder layers (what compute follows). Prefill / decode ms are each sample's share of "
