@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenes  # noqa: E402
 from train_probe import encode  # noqa: E402
 
-from pipeline.cost.metrics import normalize_answer  # noqa: E402
 from sparsevlm import SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 from sparsevlm.preprocess import QwenVLProcessor  # noqa: E402
 
@@ -48,22 +47,17 @@ def run(engine: VLMEngine, seed: int, n: int, sparsity: SparsityConfig, max_pixe
                                     dataclasses.replace(video_cfg, min_pixels=max_pixels, max_pixels=max_pixels))
     samples = scenes.generate(seed, n)
     params = SamplingParams(max_new_tokens=6)
-    by_type: dict[str, list[bool]] = {}
-    visual, equiv = [], []
+    answered, visual, equiv = [], [], []
     started = time.perf_counter()
     for first in range(0, n, batch_size):
         chunk = samples[first:first + batch_size]
         results = engine.generate([encode(processor, s, with_answer=False) for s in chunk], params, sparsity=sparsity)
         for sample, result in zip(chunk, results):
-            correct = normalize_answer(result.text) == normalize_answer(sample.answer)
-            by_type.setdefault(sample.qtype, []).append(correct)
+            answered.append((sample, result.text))
             visual.append(result.stats.n_visual_tokens)
             equiv.append(result.stats.equiv_visual_tokens)
-    flat = [ok for oks in by_type.values() for ok in oks]
-    return {"accuracy": sum(flat) / len(flat), "n": len(flat),
-            "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
-            "visual_tokens_mean": sum(visual) / len(visual), "equiv_visual_tokens_mean": sum(equiv) / len(equiv),
-            "seconds": time.perf_counter() - started}
+    return {**scenes.score(answered), "visual_tokens_mean": sum(visual) / len(visual),
+            "equiv_visual_tokens_mean": sum(equiv) / len(equiv), "seconds": time.perf_counter() - started}
 
 
 def sweep_configs(visual_tokens: float) -> list[tuple[str, SparsityConfig, int | None]]:

@@ -58,7 +58,7 @@ def prepare(model_name: str, kind: str, rows: int, work: Path) -> tuple[list[str
     model_arg = []
     if model_name != "tiny":
         checkpoint = work / "model"
-        if not (checkpoint / "config.json").exists():
+        if not any(checkpoint.glob("*.safetensors")):  # config.json alone is load_model's placeholder
             import torch
 
             model, _ = load_model(model_name, "cuda", folder=checkpoint)

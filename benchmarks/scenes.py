@@ -246,6 +246,18 @@ def sample_at(seed: int, index: int, qtypes: tuple[str, ...] = IMAGE_TYPES + VID
     return make_video_sample(rng, qtype) if qtype in VIDEO_TYPES else make_image_sample(rng, qtype)
 
 
+def score(answered: list[tuple[Sample, str]]) -> dict:
+    """Exact match of normalized answers, overall and per question type: {accuracy, n, by_type}."""
+    from pipeline.cost.metrics import normalize_answer
+
+    by_type: dict[str, list[bool]] = {}
+    for sample, text in answered:
+        by_type.setdefault(sample.qtype, []).append(normalize_answer(text) == normalize_answer(sample.answer))
+    flat = [ok for oks in by_type.values() for ok in oks]
+    return {"accuracy": sum(flat) / len(flat), "n": len(flat),
+            "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}
+
+
 def corpus() -> list[str]:
     """Every word a question or answer can use: the probe's tokenizer is trained on it."""
     names = [f"{c} {s}" for c in COLOURS for s in SHAPES]

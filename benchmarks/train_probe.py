@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenes  # noqa: E402
 
 from sparsevlm.preprocess import QwenVLProcessor  # noqa: E402
-from sparsevlm.tiny import build_tokenizer, write_preprocessor_configs  # noqa: E402
+from sparsevlm.tiny import build_tokenizer, vision_token_ids, write_preprocessor_configs  # noqa: E402
 
 PIXELS = 448 * 448  # every scene is resized to 448x448: 256 visual tokens per image / frame pair
 TRAIN_SEED_BASE = 1_000_000  # training scenes use seeds from here on; tests and benchmarks use small seeds
@@ -42,9 +42,7 @@ PROMPT_SUFFIX = " Answer with one or two words."
 def model_config(tokenizer, small: bool):
     from transformers import Qwen2VLConfig
 
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    ids = vision_token_ids(tokenizer)
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     hidden, layers, heads = (64, 2, 4) if small else (192, 8, 6)
     head_dim = hidden // heads
@@ -113,20 +111,16 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 def evaluate(model, processor, device, seed: int, n: int) -> dict:
     """Greedy answers of held-out scenes with transformers' own generate (the engine is checked
     against it elsewhere); exact match after normalisation, per question type."""
-    from pipeline.cost.metrics import normalize_answer
-
     model.eval()
-    by_type: dict[str, list[bool]] = {}
+    answered = []
     with torch.no_grad():
         for sample in scenes.generate(seed, n):
             inputs = {k: v.to(device) for k, v in encode(processor, sample, with_answer=False).items()}
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
             text = processor.decode(out[0, inputs["input_ids"].shape[1]:])
-            by_type.setdefault(sample.qtype, []).append(normalize_answer(text) == normalize_answer(sample.answer))
+            answered.append((sample, text))
     model.train()
-    flat = [ok for oks in by_type.values() for ok in oks]
-    return {"accuracy": sum(flat) / len(flat), "n": len(flat),
-            "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}
+    return scenes.score(answered)
 
 
 def archive(folder: Path, into: Path, part_bytes: int = 15 * 2**20) -> list[Path]:

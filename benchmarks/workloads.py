@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from sparsevlm.preprocess import QwenVLProcessor
-from sparsevlm.tiny import build_tiny_checkpoint, build_tokenizer, write_preprocessor_configs
+from sparsevlm.tiny import build_tiny_checkpoint, build_tokenizer, vision_token_ids, write_preprocessor_configs
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,7 @@ QUESTION = ("Look carefully at the picture and answer the question about the obj
 def qwen2_5_vl_7b_config(tokenizer):
     from transformers import Qwen2_5_VLConfig
 
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    ids = vision_token_ids(tokenizer)
     text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})

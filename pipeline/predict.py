@@ -41,7 +41,8 @@ class Predictor:
                                      temperature=generation["temperature"], top_p=generation["top_p"],
                                      seed=generation["seed"])
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.device = f"cuda:{torch.cuda.get_device_name(self.engine.device)}" if device == "cuda" else "cpu"
+        self.on_gpu = device == "cuda"
+        self.device = f"cuda:{torch.cuda.get_device_name(self.engine.device)}" if self.on_gpu else "cpu"
         self.batches = 0
         self.warmup = job["resources"]["warmup"]
 
@@ -53,12 +54,11 @@ class Predictor:
         samples = [unpack_sample(blobs[i]) for i in todo]
         if self.warmup and self.batches == 1:
             self._generate(samples)
-        on_gpu = self.engine.device.type == "cuda"
-        if on_gpu:
+        if self.on_gpu:
             torch.cuda.reset_peak_memory_stats(self.engine.device)
         started_at = time.time()
         results = self._generate(samples)
-        peak_mb = torch.cuda.max_memory_allocated(self.engine.device) / 2**20 if on_gpu else None
+        peak_mb = torch.cuda.max_memory_allocated(self.engine.device) / 2**20 if self.on_gpu else None
         finished_at = time.time()
         out = []
         for row in rows:

@@ -73,12 +73,17 @@ def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):
                                    chat_template=QWEN_VL_CHAT_TEMPLATE)
 
 
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen-VL config's special-token fields, read from a tokenizer with Qwen's special tokens."""
+    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+
+
 def _model_config(family: str, tokenizer, initializer_range: float):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    ids = vision_token_ids(tokenizer)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     text = dict(TEXT_DIMS, vocab_size=len(tokenizer), initializer_range=initializer_range,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": MROPE_SECTION},

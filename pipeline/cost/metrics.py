@@ -57,7 +57,7 @@ def run_metrics(table: pa.Table, gpu_hour_usd: float) -> dict:
         return metrics
     span_s = float(pc.max(ok.column("finished_at")).as_py() - pc.min(ok.column("started_at")).as_py())
     gpus = len(pc.unique(ok.column("worker")))
-    engine_ms = _values(ok, "vision_ms") + _values(ok, "prefill_ms") + _values(ok, "decode_ms")
+    engine_ms = _engine_ms(ok)
     gpu_s_per_sample = gpus * span_s / len(ok)
     peak = pc.max(ok.column("peak_gpu_memory_mb")).as_py()
     devices = Counter(ok.column("device").to_pylist())
@@ -108,6 +108,9 @@ def dense_answers(table: pa.Table) -> dict:
 
 
 def engine_ms_per_sample(table: pa.Table) -> np.ndarray:
-    """Each sample's share of GPU time (vision + prefill + decode), for the latency CDF."""
-    ok = succeeded(table)
+    """Each successful sample's share of GPU time (vision + prefill + decode), for the latency CDF."""
+    return _engine_ms(succeeded(table))
+
+
+def _engine_ms(ok: pa.Table) -> np.ndarray:
     return _values(ok, "vision_ms") + _values(ok, "prefill_ms") + _values(ok, "decode_ms")

@@ -128,8 +128,9 @@ def blocks(report: dict, runs: list[Run], context: Context) -> list:
         summary_table(report),
         Text("How to read it. Throughput runs from the first engine call's start to the last one's end, so Ray "
              "start-up, model loading and, for runs made with `--warmup` (the report's own are), each GPU "
-             "actor's first batch's compilation are left out, while time the GPUs waited for the CPU stage is in. GPU-s / sample bills every GPU actor "
-             "for that whole span; $ / 1M samples = GPU-s / sample x 1e6 / 3600 x $/GPU-hour. Visual tokens: "
+             "actor's first batch's compilation are left out, while time the GPUs waited for the CPU stage is "
+             "in. GPU-s / sample bills every GPU actor for that whole span; $ / 1M samples = GPU-s / sample "
+             "x 1e6 / 3600 x $/GPU-hour. Visual tokens: "
              "per sample, before pruning, after the last pruning layer (merged tokens included) and averaged "
              "over all decoder layers (what compute follows). Prefill / decode ms are each sample's share of "
              f"its engine call. Agreement compares answers with `{report['baseline']}`, id by id: exact match "
