@@ -116,6 +116,31 @@ def write_duplicate_errors(plan: Plan, config: JobConfig, kind: str) -> None:
                        f"{path}/duplicates-{time.strftime('%Y%m%d%H%M%S')}.parquet", filesystem=filesystem)
 
 
+@dataclass
+class ActorSizes:
+    gpu_actors: int
+    cpu_actors: int
+    actor_cpus: float  # CPUs each actor reserves
+    use_gpu: bool
+
+
+def actor_sizes(config: JobConfig, rows_to_do: int, gpus: int, cpus: int) -> ActorSizes:
+    """How many engine and preprocess actors, from the config and what the cluster has now."""
+    use_gpu = gpus > 0 if config.resources.use_gpu is None else config.resources.use_gpu
+    # a small job gets no idle actors: each costs a process start and, on GPUs, a model load
+    todo = max(1, rows_to_do)
+    gpu_actors = min(config.resources.gpu_actors or max(gpus, 1), math.ceil(todo / config.resources.batch_size))
+    wanted_cpu_actors = min(config.resources.cpu_actors, math.ceil(todo / PREPROCESS_BATCH))
+    # Actors hold their CPUs for the whole run; read and write tasks need one more, or the
+    # pipeline waits forever on a small machine. So actors get a fraction when CPUs are few,
+    # unless the config says GPUs come later (an autoscaling cluster: it grows to the request).
+    if config.resources.use_gpu is not None or cpus - 1 >= wanted_cpu_actors + gpu_actors:
+        return ActorSizes(gpu_actors, wanted_cpu_actors, 1.0, use_gpu)
+    cpu_actors = max(1, min(wanted_cpu_actors, cpus - gpu_actors - 1))
+    actor_cpus = min(1.0, (cpus - 1) / (cpu_actors + gpu_actors)) if cpus > 1 else 0.5
+    return ActorSizes(gpu_actors, cpu_actors, actor_cpus, use_gpu)
+
+
 def run_job(config: JobConfig, kind: str) -> Plan:
     """Run the job to completion; returns its plan (the caller summarises the output)."""
     import ray
@@ -138,31 +163,19 @@ def run_job(config: JobConfig, kind: str) -> Plan:
         return batch.filter(pc.invert(pc.is_in(ids, value_set=ray.get(skip).cast(ids.type))))
 
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    use_gpu = gpus > 0 if config.resources.use_gpu is None else config.resources.use_gpu
-    # a small job gets no idle actors: each costs a process start and, on GPUs, a model load
-    todo = max(1, plan.n_input - plan.n_done)
-    gpu_actors = min(config.resources.gpu_actors or max(gpus, 1), math.ceil(todo / config.resources.batch_size))
-    wanted_cpu_actors = min(config.resources.cpu_actors, math.ceil(todo / PREPROCESS_BATCH))
-    # Actors hold their CPUs for the whole run; read and write tasks need one more, or the
-    # pipeline waits forever on a small machine. So actors get a fraction when CPUs are few,
-    # unless the config says GPUs come later (an autoscaling cluster: it grows to the request).
-    if config.resources.use_gpu is not None or cpus - 1 >= wanted_cpu_actors + gpu_actors:
-        cpu_actors, actor_cpus = wanted_cpu_actors, 1.0
-    else:
-        cpu_actors = max(1, min(wanted_cpu_actors, cpus - gpu_actors - 1))
-        actor_cpus = min(1.0, (cpus - 1) / (cpu_actors + gpu_actors)) if cpus > 1 else 0.5
+    sizes = actor_sizes(config, plan.n_input - plan.n_done, int(resources.get("GPU", 0)),
+                        int(resources.get("CPU", 1)))
     model_name = "embedded tiny-qwen2_5_vl (random weights)" if plan.model_path == EMBEDDED_MODEL else plan.model_path
     # Blocks of one engine batch: rows stream through both stages and each written file is one
     # batch, so a killed run loses at most the batches in flight.
     dataset = (dataset.map_batches(not_skipped, batch_format="pyarrow")
                .repartition(target_num_rows_per_block=config.resources.batch_size)
                .map_batches(Preprocessor, fn_constructor_args=(plan.model_path, kind, job), batch_size=PREPROCESS_BATCH,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cpu_actors),
-                            num_cpus=actor_cpus)
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sizes.cpu_actors),
+                            num_cpus=sizes.actor_cpus)
                .map_batches(Predictor, fn_constructor_args=(plan.model_path, model_name, job),
                             batch_size=config.resources.batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=gpu_actors), num_gpus=1 if use_gpu else 0,
-                            num_cpus=actor_cpus))
+                            compute=ray.data.ActorPoolStrategy(size=sizes.gpu_actors),
+                            num_gpus=1 if sizes.use_gpu else 0, num_cpus=sizes.actor_cpus))
     dataset.write_parquet(plan.output_uri)
     return plan

@@ -1,0 +1,51 @@
+"""Actor sizing and the GPU actor's warm-up and timing columns, without Ray (plain classes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.predict import Predictor
+from pipeline.preprocess import Preprocessor
+from pipeline.run import actor_sizes
+from schemas import JobConfig
+
+SAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "sample_data"
+
+
+def test_small_jobs_start_no_idle_actors():
+    config = JobConfig.load(overrides={"resources.cpu_actors": 8, "resources.batch_size": 64})
+    sizes = actor_sizes(config, rows_to_do=4, gpus=2, cpus=32)
+    assert (sizes.gpu_actors, sizes.cpu_actors, sizes.use_gpu) == (1, 1, True)
+    sizes = actor_sizes(config, rows_to_do=1000, gpus=2, cpus=32)
+    assert (sizes.gpu_actors, sizes.cpu_actors, sizes.actor_cpus) == (2, 8, 1.0)
+
+
+def test_autoscaling_clusters_get_gpus_and_the_configured_cpu_actors():
+    config = JobConfig.load(overrides={"resources.use_gpu": True, "resources.gpu_actors": 4,
+                                       "resources.cpu_actors": 48})
+    sizes = actor_sizes(config, rows_to_do=100_000, gpus=0, cpus=0)  # only the head is up yet
+    assert (sizes.gpu_actors, sizes.cpu_actors, sizes.actor_cpus, sizes.use_gpu) == (4, 48, 1.0, True)
+    plain = actor_sizes(JobConfig.load(), rows_to_do=100_000, gpus=0, cpus=2)  # a laptop: CPU engines
+    assert not plain.use_gpu and plain.cpu_actors == 1 and plain.actor_cpus == 0.5
+
+
+def test_warmup_runs_the_first_batch_twice_and_times_the_second():
+    job = JobConfig.load(overrides={"generation.max_new_tokens": 2, "resources.warmup": True}).model_dump()
+    photos = pq.read_table(SAMPLES / "images.parquet").slice(0, 2)
+    stage = Preprocessor("embedded:tiny-qwen2_5_vl", "image", job)(photos)
+    predictor = Predictor("embedded:tiny-qwen2_5_vl", "tiny", job)
+    calls = []
+    generate = predictor.engine.generate
+    predictor.engine.generate = lambda samples, params: calls.append(len(samples)) or generate(samples, params)
+    first = predictor(stage)
+    second = predictor(stage)
+    assert calls == [2, 2, 2]  # warm-up + timed, then timed only
+    for out in (first, second):
+        rows = out.to_pylist()
+        assert all(r["started_at"] <= r["finished_at"] and r["device"] == "cpu" for r in rows)
+        assert all(r["peak_gpu_memory_mb"] is None and r["error"] is None for r in rows)
+    assert first.column("finished_at")[0].as_py() <= second.column("started_at")[0].as_py()
+    assert isinstance(first, pa.Table) and first.column("batch").to_pylist() == [1, 1]
