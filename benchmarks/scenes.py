@@ -209,6 +209,18 @@ def make_image_sample(rng: random.Random, qtype: str) -> Sample:
             return Sample("image", asked[0], asked[1], qtype, [render(things, _background(rng, size))], things)
 
 
+def scene_questions(rng: random.Random) -> list[Sample]:
+    """Training: one drawn image scene and every question that can be asked of it (position,
+    exists and count twice), in random order: one render serves several answers."""
+    size = rng.randrange(448, 673, 28)
+    things = _scene(rng, size, rng.randint(3, 6), words=rng.choice([0, 1, 1]))
+    frames = [render(things, _background(rng, size))]
+    qtypes = list(IMAGE_TYPES + ("position", "exists", "count"))
+    rng.shuffle(qtypes)
+    asked = [(qtype, _ask(rng, qtype, things)) for qtype in qtypes]
+    return [Sample("image", qa[0], qa[1], qtype, frames, things) for qtype, qa in asked if qa]
+
+
 def make_video_sample(rng: random.Random, qtype: str) -> Sample:
     size, frames = VIDEO_SIZE, VIDEO_FRAMES
     travel = size * 0.25  # over the clip: clearly visible motion

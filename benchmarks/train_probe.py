@@ -18,11 +18,13 @@ import argparse
 import io
 import json
 import math
+import random
 import sys
 import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -31,12 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenes  # noqa: E402
 
-from sparsevlm.preprocess import QwenVLProcessor  # noqa: E402
+from sparsevlm.preprocess import (  # noqa: E402
+    TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, QwenVLProcessor, normalization_table, normalize_frames, patchify,
+    resize_frame, smart_resize)
 from sparsevlm.tiny import build_tokenizer, vision_token_ids, write_preprocessor_configs  # noqa: E402
 
 PIXELS = 448 * 448  # every scene is resized to 448x448: 256 visual tokens per image / frame pair
 TRAIN_SEED_BASE = 1_000_000  # training scenes use seeds from here on; tests and benchmarks use small seeds
 PROMPT_SUFFIX = " Answer with one or two words."
+# With head_dim 32 and the usual theta of 10000, M-RoPE's width section turns by ~0.003 rad per
+# column at most: the decoder could not tell left from right. At 100 it turns 0.013-0.056.
+ROPE_THETA = 100.0
+VIDEO_SHARE = 0.3  # of training examples; an image example carries ~9 questions, a video one
+VISION_ATTENTION = "probe_chunked_flash"  # "flash" in the name: transformers then passes cu_seqlens
 
 
 def model_config(tokenizer, small: bool):
@@ -50,7 +59,7 @@ def model_config(tokenizer, small: bool):
     text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, vocab_size=len(tokenizer),
                 tie_word_embeddings=True, eos_token_id=eos, bos_token_id=pad, pad_token_id=pad,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+                rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": section})
     vision = dict(depth=2 if small else 4, embed_dim=32 if small else 128, hidden_size=hidden,
                   num_heads=2 if small else 4, mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids), (eos, pad)
@@ -75,8 +84,60 @@ def encode(processor: QwenVLProcessor, sample: scenes.Sample, with_answer: bool 
     return encoded
 
 
+def encode_conversation(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> dict:
+    """Questions on one scene as one multi-turn example: the media once, then question, answer,
+    question, answer... in the chat template's own turn format. Only answers (and their
+    <|im_end|>) are learned. Pixels stay uint8 frames resized as the processor resizes them;
+    `gpu_pixels` normalises and patchifies them on the device, bit for bit as the processor."""
+    first, tokenizer = samples[0], processor.tokenizer
+    cfg = processor.image_cfg if first.kind == "image" else processor.video_cfg
+    frames = [_rgb(f) for f in first.frames]
+    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    resized = np.stack([resize_frame(f, size) for f in frames])
+    grid = (-(-len(frames) // cfg.temporal_patch_size), size[0] // cfg.patch_size, size[1] // cfg.patch_size)
+    n_visual = grid[0] * grid[1] * grid[2] // cfg.merge_size ** 2
+
+    messages, rendered, ids, labels = [], "", [], []
+    for turn, sample in enumerate(samples):
+        text = sample.question + PROMPT_SUFFIX
+        content = [{"type": first.kind}, {"type": "text", "text": text}] if turn == 0 else text
+        messages.append({"role": "user", "content": content})
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        piece = tokenizer.encode(prompt[len(rendered):], add_special_tokens=False)
+        ids += piece
+        labels += [-100] * len(piece)
+        answer = tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)
+        messages.append({"role": "assistant", "content": sample.answer})
+        rendered = processor.apply_chat_template(messages, add_generation_prompt=False)
+        rest = tokenizer.encode(rendered[len(prompt):], add_special_tokens=False)
+        if rest[:len(answer)] != answer:
+            raise AssertionError(f"the chat template does not close an answer as expected: {rendered[len(prompt):]!r}")
+        ids += rest
+        labels += answer + [-100] * (len(rest) - len(answer))
+    del ids[len(ids) - (len(rest) - len(answer)):], labels[len(labels) - (len(rest) - len(answer)):]  # ends on an answer
+    pad_id = processor.video_token_id if first.kind == "video" else processor.image_token_id
+    at = ids.index(pad_id)  # the template's one pad token becomes one per visual token
+    ids[at:at + 1], labels[at:at + 1] = [pad_id] * n_visual, [-100] * n_visual
+    input_ids = torch.tensor(ids)
+    token_types = torch.zeros_like(input_ids, dtype=torch.int32)
+    token_types[input_ids == pad_id] = TOKEN_TYPE_VIDEO if first.kind == "video" else TOKEN_TYPE_IMAGE
+    return {"kind": first.kind, "frames": torch.from_numpy(resized), "grid": torch.tensor(grid),
+            "input_ids": input_ids, "labels": torch.tensor(labels), "mm_token_type_ids": token_types}
+
+
+def _rgb(frame):
+    return frame if frame.mode == "RGB" else frame.convert("RGB")
+
+
+def training_example(rng: random.Random) -> list[scenes.Sample]:
+    """A video with its one question, or an image scene with all of its questions."""
+    if rng.random() < VIDEO_SHARE:
+        return [scenes.make_video_sample(rng, rng.choice(scenes.VIDEO_TYPES))]
+    return scenes.scene_questions(rng)
+
+
 class SceneStream(IterableDataset):
-    """Endless fresh examples; each worker draws its own disjoint seed range."""
+    """Endless fresh examples; each worker draws from its own seed."""
 
     def __init__(self, checkpoint: Path, seed: int):
         self.checkpoint, self.seed = checkpoint, seed
@@ -84,28 +145,70 @@ class SceneStream(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         processor = QwenVLProcessor.from_pretrained(self.checkpoint)
-        seed = self.seed + (worker.id if worker else 0)
-        index = 0
+        rng = random.Random(self.seed * 1_000_003 + (worker.id if worker else 0))
         while True:
-            yield encode(processor, scenes.sample_at(seed, index))
-            index += 1
+            yield encode_conversation(processor, training_example(rng))
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    length = max(e["input_ids"].shape[1] for e in examples)
+    """Text right-padded; frames of each kind concatenated (uint8), with their grids."""
+    length = max(len(e["input_ids"]) for e in examples)
 
     def padded(key, value):
-        rows = [torch.nn.functional.pad(e[key][0], (0, length - e[key].shape[1]), value=value) for e in examples]
-        return torch.stack(rows)
+        return torch.stack([torch.nn.functional.pad(e[key], (0, length - len(e[key])), value=value)
+                            for e in examples])
 
-    batch = {"input_ids": padded("input_ids", pad_id), "attention_mask": padded("attention_mask", 0),
-             "mm_token_type_ids": padded("mm_token_type_ids", 0), "labels": padded("labels", -100)}
-    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        having = [e for e in examples if pixels in e]
+    batch = {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", -100),
+             "mm_token_type_ids": padded("mm_token_type_ids", 0),
+             "attention_mask": torch.stack([(torch.arange(length) < len(e["input_ids"])).long() for e in examples])}
+    for kind in ("image", "video"):
+        having = [e for e in examples if e["kind"] == kind]
         if having:
-            batch[pixels] = torch.cat([e[pixels] for e in having])
-            batch[grid] = torch.cat([e[grid] for e in having])
+            batch[f"{kind}_frames"] = torch.cat([e["frames"] for e in having])
+            batch[f"{kind}_grid_thw"] = torch.stack([e["grid"] for e in having])
     return batch
+
+
+def gpu_pixels(batch: dict, processor: QwenVLProcessor, tables: dict, device) -> dict:
+    """The model's inputs: uint8 frames -> normalised patches on `device`, equal to what the
+    processor computes on the CPU (tests/test_probe_tools.py checks this). Frames of all samples
+    of a kind are patchified at once: patches are time-major, so this equals concatenating the
+    per-sample results (an image is its frame twice, as the processor pads it)."""
+    inputs = {k: batch[k].to(device, non_blocking=True)
+              for k in ("input_ids", "labels", "mm_token_type_ids", "attention_mask")}
+    for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                       ("video", "pixel_values_videos", "video_grid_thw")):
+        if f"{kind}_frames" not in batch:
+            continue
+        cfg = processor.image_cfg if kind == "image" else processor.video_cfg
+        grids = batch[f"{kind}_grid_thw"]
+        frames = batch[f"{kind}_frames"].to(device, non_blocking=True)
+        per_sample = frames.shape[0] // len(grids)
+        if per_sample % cfg.temporal_patch_size:  # images (and odd videos) repeat their last frame
+            frames = frames.view(len(grids), per_sample, *frames.shape[1:])
+            pad = cfg.temporal_patch_size - per_sample % cfg.temporal_patch_size
+            frames = torch.cat([frames, frames[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1).flatten(0, 1)
+        inputs[pixels_key] = patchify(normalize_frames(frames, tables[kind]), cfg)[0]
+        inputs[grid_key] = grids.to(device)
+    return inputs
+
+
+def chunked_vision_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """Vision attention for training: every frame group of a batch has the same number of patches
+    (all scenes are resized to 448x448), so the packed sequence is a batch of equal chunks and
+    one SDPA call (flash, with backward) covers them; transformers' default would run one SDPA
+    per image and sync the host to split. (1, H, T, D) -> ((1, T, H, D), None)."""
+    heads, total, dim = query.shape[1:]
+    chunk = int(max_length_q)
+    if total % chunk:
+        raise ValueError(f"{total} patches are not equal chunks of {chunk}; train on one image size")
+
+    def chunks(t):
+        return t[0].view(heads, total // chunk, chunk, dim).transpose(0, 1)
+
+    out = torch.nn.functional.scaled_dot_product_attention(chunks(query), chunks(key), chunks(value), scale=scaling)
+    return out.permute(0, 2, 1, 3).reshape(1, total, heads, dim), None
 
 
 def evaluate(model, processor, device, seed: int, n: int) -> dict:
@@ -137,12 +240,12 @@ def archive(folder: Path, into: Path, part_bytes: int = 15 * 2**20) -> list[Path
 
 
 def main() -> None:
-    from transformers import AutoModelForImageTextToText, GenerationConfig
+    from transformers import AttentionInterface, AutoModelForImageTextToText, GenerationConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="examples (scenes) per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--eval-n", type=int, default=400)
@@ -161,45 +264,60 @@ def main() -> None:
     config, (eos, pad) = model_config(tokenizer, args.small)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad, do_sample=False)
+    AttentionInterface.register(VISION_ATTENTION, chunked_vision_attention)
     processor = QwenVLProcessor.from_pretrained(args.out)
+    tables = {"image": torch.from_numpy(normalization_table(processor.image_cfg)).to(device),
+              "video": torch.from_numpy(normalization_table(processor.video_cfg)).to(device)}
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f}M parameters on {device}", flush=True)
 
-    stream = SceneStream(args.out, TRAIN_SEED_BASE + args.seed * 1000)
+    stream = SceneStream(args.out, TRAIN_SEED_BASE + args.seed)
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=lambda e: collate(e, pad), persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+                        prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98),
+                                  fused=device.type == "cuda")
     budget_s, warmup = args.minutes * 60, 200
-    curve, step, train_started = [], 0, time.perf_counter()
+    curve, step, answers, waited, train_started = [], 0, 0, 0.0, time.perf_counter()
+    losses = []
+    model.model.visual.config._attn_implementation = VISION_ATTENTION
     model.train()
-    for batch in loader:
-        elapsed = time.perf_counter() - train_started
-        if elapsed > budget_s:
-            break
+    batches = iter(loader)
+    while (elapsed := time.perf_counter() - train_started) < budget_s:
+        wait_started = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - wait_started
         # linear warm-up, then cosine over the time budget (steps are not known in advance)
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget_s)))
         for group in optimizer.param_groups:
             group["lr"] = args.lr * max(scale, 0.02)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        inputs = gpu_pixels(batch, processor, tables, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**batch).loss
+            loss = model(**inputs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        losses.append(loss.detach())
+        answers += int((batch["labels"] != -100).sum())
         step += 1
-        if step % 50 == 0:
-            curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(loss.item(), 4)})
-            print(f"step {step} {elapsed:6.0f}s loss {loss.item():.4f}", flush=True)
+        if step % 100 == 0:
+            mean = torch.stack(losses).mean().item()
+            losses.clear()
+            curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(mean, 4)})
+            print(f"step {step:6d} {elapsed:6.0f}s loss {mean:.4f}  {step / elapsed:5.2f} steps/s  "
+                  f"waiting for data {waited / elapsed:4.0%}", flush=True)
 
+    model.model.visual.config._attn_implementation = "sdpa"
     model.save_pretrained(args.out, safe_serialization=True)
     result = evaluate(model, processor, device, seed=99, n=args.eval_n)
     print(json.dumps(result), flush=True)
     (args.out / "training.json").write_text(json.dumps({
         "command": " ".join(["python", *sys.argv]), "device": str(torch.cuda.get_device_name(device)
                                                                    if device.type == "cuda" else "cpu"),
-        "parameters": params, "steps": step, "batch_size": args.batch_size, "seconds": time.perf_counter() - started,
+        "parameters": params, "steps": step, "batch_size": args.batch_size, "answer_tokens_learned": answers,
+        "train_seconds": round(time.perf_counter() - train_started, 1),
+        "seconds": round(time.perf_counter() - started, 1), "data_wait_fraction": round(waited / max(elapsed, 1e-9), 3),
         "loss_curve": curve, "held_out": {"seed": 99, **result}}, indent=2))
     if args.archive:
         print("archive:", *archive(args.out, args.archive))

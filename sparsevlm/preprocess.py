@@ -13,6 +13,7 @@ resize kernel's rounding (see tests/test_preprocess.py for the tolerance).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -89,36 +90,59 @@ def _to_rgb_uint8(image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _resize_normalize(frame: Image.Image, size: tuple[int, int], cfg: VisionPreprocessConfig) -> np.ndarray:
-    """PIL bicubic resize of uint8, then float64 rescale -> float32 normalise, as transformers does: (C, H, W)."""
+def resize_frame(frame: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """PIL bicubic resize of uint8, as transformers' PIL backend does: (H, W, 3) uint8."""
     height, width = size
-    resized = np.asarray(frame.resize((width, height), resample=Image.Resampling.BICUBIC))
-    pixels = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    return np.asarray(frame.resize((width, height), resample=Image.Resampling.BICUBIC))
+
+
+def normalization_table(cfg: VisionPreprocessConfig) -> np.ndarray:
+    """(256, 3) float32: the normalised value of each uint8 level per channel, computed as
+    transformers does (float64 rescale, float32 cast, float32 normalise); a lookup then gives
+    bit-identical pixels on CPU or GPU."""
+    levels = (np.arange(256, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)[:, None]
     mean = np.asarray(cfg.image_mean, dtype=np.float32)
     std = np.asarray(cfg.image_std, dtype=np.float32)
-    return ((pixels - mean) / std).transpose(2, 0, 1)
+    return (levels - mean) / std
 
 
-def patchify(frames: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+def normalize_frames(frames, table):
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32 through `normalization_table`; numpy or torch alike."""
+    if isinstance(frames, np.ndarray):
+        return table[frames, np.arange(3)].transpose(0, 3, 1, 2)
+    channels = torch.arange(3, device=frames.device)
+    return table[frames.long(), channels].permute(0, 3, 1, 2)
+
+
+def patchify(frames, cfg: VisionPreprocessConfig) -> tuple:
     """(T, C, H, W) float frames -> (grid_t*grid_h*grid_w, C*tp*p*p) patches in merge order, and grid_thw.
 
     T is padded to a multiple of the temporal patch by repeating the last frame
-    (a single image becomes `temporal_patch_size` identical frames).
+    (a single image becomes `temporal_patch_size` identical frames). Numpy arrays or
+    torch tensors (the probe's training patchifies on the GPU).
     """
     num_frames, channels, height, width = frames.shape
     tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
     if pad := -num_frames % tp:
-        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
+        last = frames[-1:]
+        frames = (np.concatenate([frames, np.repeat(last, pad, axis=0)]) if isinstance(frames, np.ndarray)
+                  else torch.cat([frames, last.expand(pad, *last.shape[1:])]))
     grid_t, grid_h, grid_w = frames.shape[0] // tp, height // p, width // p
     patches = frames.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
-    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h/m, w/m, m, m, C, tp, p, p
+    order = (0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h/m, w/m, m, m, C, tp, p, p
+    patches = patches.transpose(order) if isinstance(patches, np.ndarray) else patches.permute(order)
     return patches.reshape(grid_t * grid_h * grid_w, channels * tp * p * p), (grid_t, grid_h, grid_w)
+
+
+@functools.lru_cache(maxsize=8)
+def _table(cfg: VisionPreprocessConfig) -> np.ndarray:
+    return normalization_table(cfg)
 
 
 def preprocess_image(image, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     frame = _to_rgb_uint8(image)
     size = smart_resize(frame.height, frame.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-    return patchify(_resize_normalize(frame, size, cfg)[None], cfg)
+    return patchify(normalize_frames(resize_frame(frame, size)[None], _table(cfg)), cfg)
 
 
 def preprocess_video(frames: Sequence, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -129,7 +153,7 @@ def preprocess_video(frames: Sequence, cfg: VisionPreprocessConfig) -> tuple[np.
         raise ValueError("a video needs at least one frame")
     frames = [_to_rgb_uint8(f) for f in frames]
     size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-    return patchify(np.stack([_resize_normalize(f, size, cfg) for f in frames]), cfg)
+    return patchify(normalize_frames(np.stack([resize_frame(f, size) for f in frames]), _table(cfg)), cfg)
 
 
 class QwenVLProcessor:

@@ -41,9 +41,65 @@ def test_only_answer_tokens_are_learned(checkpoint):
         learned = example["labels"][example["labels"] != -100]
         assert processor.tokenizer.decode(learned) == sample.answer + "<|im_end|>"
         assert (example["labels"][:, :n_prompt] == -100).all()
-    batch = train_probe.collate([train_probe.encode(processor, scenes.sample_at(3, i)) for i in (0, 6)], pad_id=0)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
-    assert "pixel_values" in batch and "pixel_values_videos" in batch
+
+
+@pytest.mark.slow
+def test_training_examples_equal_what_inference_sees(checkpoint):
+    """The fast training path (uint8 frames, patchified on the device) against the processor."""
+    from sparsevlm.preprocess import QwenVLProcessor, normalization_table
+
+    processor = QwenVLProcessor.from_pretrained(checkpoint)
+    tables = {kind: torch.from_numpy(normalization_table(cfg))
+              for kind, cfg in (("image", processor.image_cfg), ("video", processor.video_cfg))}
+    samples = [scenes.sample_at(4, i) for i in (0, 1, 6, 7)]  # two images (448-672 px), two videos
+    reference = [train_probe.encode(processor, s) for s in samples]
+    examples = [train_probe.encode_conversation(processor, [s]) for s in samples]
+    for ref, example in zip(reference, examples):
+        assert torch.equal(example["input_ids"], ref["input_ids"][0])
+        assert torch.equal(example["labels"], ref["labels"][0])
+        assert torch.equal(example["mm_token_type_ids"], ref["mm_token_type_ids"][0])
+    inputs = train_probe.gpu_pixels(train_probe.collate(examples, pad_id=0), processor, tables, torch.device("cpu"))
+    assert torch.equal(inputs["pixel_values"], torch.cat([r["pixel_values"] for r in reference[:2]]))
+    assert torch.equal(inputs["image_grid_thw"], torch.cat([r["image_grid_thw"] for r in reference[:2]]))
+    assert torch.equal(inputs["pixel_values_videos"], torch.cat([r["pixel_values_videos"] for r in reference[2:]]))
+
+
+@pytest.mark.slow
+def test_a_conversation_learns_every_answer_and_starts_as_inference_does(checkpoint):
+    import random
+
+    from sparsevlm.preprocess import QwenVLProcessor
+
+    processor = QwenVLProcessor.from_pretrained(checkpoint)
+    questions = scenes.scene_questions(random.Random(7))
+    assert len(questions) >= 6 and len({id(q.frames) for q in questions}) == 1  # one render
+    example = train_probe.encode_conversation(processor, questions)
+    first_prompt = train_probe.encode(processor, questions[0], with_answer=False)["input_ids"][0]
+    assert torch.equal(example["input_ids"][:len(first_prompt)], first_prompt)
+    learned = processor.tokenizer.decode(example["labels"][example["labels"] != -100], skip_special_tokens=False)
+    assert learned == "".join(q.answer + "<|im_end|>" for q in questions)
+    text = processor.tokenizer.decode(example["input_ids"], skip_special_tokens=False)
+    assert all(q.question in text for q in questions) and text.count("<|im_start|>assistant") == len(questions)
+
+
+@pytest.mark.slow
+def test_chunked_vision_attention_matches_transformers(checkpoint):
+    from transformers import AttentionInterface, AutoModelForImageTextToText
+
+    from sparsevlm.preprocess import QwenVLProcessor
+
+    AttentionInterface.register(train_probe.VISION_ATTENTION, train_probe.chunked_vision_attention)
+    processor = QwenVLProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    encoded = [train_probe.encode(processor, scenes.sample_at(5, i)) for i in (0, 2, 6)]  # 2 images, a video
+    pixels = torch.cat([e.get("pixel_values", e.get("pixel_values_videos")) for e in encoded])
+    grids = torch.cat([e.get("image_grid_thw", e.get("video_grid_thw")) for e in encoded])
+    visual = model.model.visual
+    with torch.no_grad():
+        reference = visual(pixels, grid_thw=grids).pooler_output
+        visual.config._attn_implementation = train_probe.VISION_ATTENTION
+        chunked = visual(pixels, grid_thw=grids).pooler_output
+    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-5)  # fp32, same math in another order
 
 
 @pytest.mark.slow
