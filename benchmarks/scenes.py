@@ -97,8 +97,10 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     return image
 
 
-def _draw(draw: ImageDraw.ImageDraw, thing: Thing, x: float, y: float, font_size: int) -> None:
-    r, fill = thing.r, COLOURS[thing.colour]
+def _draw(draw: ImageDraw.ImageDraw, thing: Thing, x: float, y: float, font_size: int,
+          fill: int | tuple | None = None) -> None:
+    """The thing in its colour with its word, or (`fill` given) its silhouette alone in `fill`."""
+    r, silhouette, fill = thing.r, fill is not None, COLOURS[thing.colour] if fill is None else fill
     if thing.shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif thing.shape == "square":
@@ -107,7 +109,7 @@ def _draw(draw: ImageDraw.ImageDraw, thing: Thing, x: float, y: float, font_size
         draw.polygon([(x, y - r), (x + r, y + r * 0.85), (x - r, y + r * 0.85)], fill=fill)
     else:
         draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
-    if thing.word:
+    if thing.word and not silhouette:
         font = ImageFont.load_default(size=font_size)
         ink = (0, 0, 0) if thing.colour in ("yellow", "orange", "green") else (255, 255, 255)
         draw.text((x, y + (r * 0.2 if thing.shape == "triangle" else 0)), thing.word, fill=ink, font=font,
@@ -122,6 +124,18 @@ def render(things: list[Thing], background: Image.Image, frame: int = 0) -> Imag
         if frame >= thing.appears_at:
             x, y = thing.x + thing.velocity[0] * frame, thing.y + thing.velocity[1] * frame
             _draw(draw, thing, x, y, font_size)
+    return image
+
+
+def object_map(things: list[Thing], size: int, frame: int = 0) -> Image.Image:
+    """Which object covers each pixel of `render(things, ..., frame)`: 0 for background, i + 1
+    for things[i] (mode "L"). Training uses it for per-region targets."""
+    image = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(image)
+    for index, thing in enumerate(things):
+        if frame >= thing.appears_at:
+            _draw(draw, thing, thing.x + thing.velocity[0] * frame, thing.y + thing.velocity[1] * frame, 0,
+                  fill=index + 1)
     return image
 
 
@@ -209,11 +223,12 @@ def make_image_sample(rng: random.Random, qtype: str) -> Sample:
             return Sample("image", asked[0], asked[1], qtype, [render(things, _background(rng, size))], things)
 
 
-def scene_questions(rng: random.Random) -> list[Sample]:
+def scene_questions(rng: random.Random, objects: tuple[int, int] = (1, 6)) -> list[Sample]:
     """Training: one drawn image scene and every question that can be asked of it (position,
-    exists and count twice), in random order: one render serves several answers."""
+    exists and count twice), in random order: one render serves several answers. Scenes with
+    fewer objects than the tests' 3-6 are easy cases that teach what to look for."""
     size = rng.randrange(448, 673, 28)
-    things = _scene(rng, size, rng.randint(3, 6), words=rng.choice([0, 1, 1]))
+    things = _scene(rng, size, rng.randint(*objects), words=rng.choice([0, 1, 1]))
     frames = [render(things, _background(rng, size))]
     qtypes = list(IMAGE_TYPES + ("position", "exists", "count"))
     rng.shuffle(qtypes)

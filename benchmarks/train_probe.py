@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import math
 import random
@@ -45,7 +46,14 @@ PROMPT_SUFFIX = " Answer with one or two words."
 # column at most: the decoder could not tell left from right. At 100 it turns 0.013-0.056.
 ROPE_THETA = 100.0
 VIDEO_SHARE = 0.3  # of training examples; an image example carries ~9 questions, a video one
-VISION_ATTENTION = "probe_chunked_flash"  # "flash" in the name: transformers then passes cu_seqlens
+VISION_ATTENTION = "probe_chunked_flash"
+# Auxiliary training target: what lies under each visual token. Selecting "the triangle" among
+# 256 tokens by attention learns slowly while the tokens do not yet say what they show; this
+# dense signal teaches them that early. The head is dropped after training (not in the checkpoint).
+REGION_LOSS_WEIGHT = 0.5
+COLOUR_IDS = {name: i + 1 for i, name in enumerate(scenes.COLOURS)}
+SHAPE_IDS = {name: i + 1 for i, name in enumerate(scenes.SHAPES)}
+WORD_IDS = {name: i + 1 for i, name in enumerate(scenes.WORDS)}  # "flash" in the name: transformers then passes cu_seqlens
 
 
 def model_config(tokenizer, small: bool):
@@ -56,8 +64,9 @@ def model_config(tokenizer, small: bool):
     hidden, layers, heads = (64, 2, 4) if small else (192, 8, 6)
     head_dim = hidden // heads
     section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # t, h, w: sums to head_dim / 2
-    text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, vocab_size=len(tokenizer),
+    # one key/value head per query head: matching a question's words to regions needs distinct keys
+    text = dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=heads, max_position_embeddings=4096, rms_norm_eps=1e-6, vocab_size=len(tokenizer),
                 tie_word_embeddings=True, eos_token_id=eos, bos_token_id=pad, pad_token_id=pad,
                 rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": section})
     vision = dict(depth=2 if small else 4, embed_dim=32 if small else 128, hidden_size=hidden,
@@ -121,8 +130,54 @@ def encode_conversation(processor: QwenVLProcessor, samples: list[scenes.Sample]
     input_ids = torch.tensor(ids)
     token_types = torch.zeros_like(input_ids, dtype=torch.int32)
     token_types[input_ids == pad_id] = TOKEN_TYPE_VIDEO if first.kind == "video" else TOKEN_TYPE_IMAGE
-    return {"kind": first.kind, "frames": torch.from_numpy(resized), "grid": torch.tensor(grid),
-            "input_ids": input_ids, "labels": torch.tensor(labels), "mm_token_type_ids": token_types}
+    regions = region_targets(first, grid[0], grid[1] // cfg.merge_size, grid[2] // cfg.merge_size)
+    return {"kind": first.kind, "frames": torch.from_numpy(resized), "grid": torch.tensor(grid), "regions": regions,
+            "input_ids": input_ids, "labels": torch.tensor(labels), "mm_token_type_ids": token_types,
+            "position_ids": mrope_positions(token_types, [grid], cfg.merge_size)}
+
+
+def region_targets(sample: scenes.Sample, groups: int, rows: int, columns: int) -> torch.Tensor:
+    """(3, groups*rows*columns) class ids of the object under each visual token's centre, in
+    token order: colour (0 = background, then COLOURS), shape (0, then SHAPES), word (0 = none,
+    then WORDS). A video's frame group is labelled by its later frame."""
+    size = sample.frames[0].width
+    centres_y = ((np.arange(rows) + 0.5) * size / rows).astype(int)
+    centres_x = ((np.arange(columns) + 0.5) * size / columns).astype(int)
+    lookup = np.zeros((3, len(sample.things) + 1), dtype=np.int64)
+    for index, thing in enumerate(sample.things, start=1):
+        lookup[:, index] = (COLOUR_IDS[thing.colour], SHAPE_IDS[thing.shape], WORD_IDS.get(thing.word, 0))
+    targets = []
+    for group in range(groups):
+        frame = min(2 * group + 1, len(sample.frames) - 1)
+        covering = np.asarray(scenes.object_map(sample.things, size, frame))[centres_y][:, centres_x]
+        targets.append(lookup[:, covering.reshape(-1)])
+    return torch.from_numpy(np.concatenate(targets, axis=1))
+
+
+def region_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of colour, shape and word under each visual token, from what the decoder sees."""
+    logits = head(features.float()).split([len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(WORD_IDS) + 1], dim=-1)
+    return sum(torch.nn.functional.cross_entropy(lg, t) for lg, t in zip(logits, targets)) / 3
+
+
+def mrope_positions(token_types: torch.Tensor, grids: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
+    """Qwen2-VL's 3-D positions (t, h, w) of one unpadded sequence, (3, L): text counts on in all
+    three, a visual block spans its merged grid from where the text stopped, and text resumes
+    after the block's largest spatial side. Computed here, in the data workers, because
+    transformers computes them per sample on the device with host syncs (tested equal to it)."""
+    pieces, position, blocks = [], 0, iter(grids)
+    for token_type, run in itertools.groupby(token_types.tolist()):
+        length = len(list(run))
+        if token_type == 0:
+            pieces.append(torch.arange(position, position + length).expand(3, -1))
+            position += length
+            continue
+        t, h, w = next(blocks)
+        h, w = h // merge, w // merge
+        t_index, h_index, w_index = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        pieces.append(torch.stack([t_index.flatten(), h_index.flatten(), w_index.flatten()]) + position)
+        position += max(h, w)
+    return torch.cat(pieces, dim=1)
 
 
 def _rgb(frame):
@@ -158,7 +213,9 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         return torch.stack([torch.nn.functional.pad(e[key], (0, length - len(e[key])), value=value)
                             for e in examples])
 
+    positions = [torch.nn.functional.pad(e["position_ids"], (0, length - len(e["input_ids"]))) for e in examples]
     batch = {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", -100),
+             "position_ids": torch.stack(positions, dim=1),
              "mm_token_type_ids": padded("mm_token_type_ids", 0),
              "attention_mask": torch.stack([(torch.arange(length) < len(e["input_ids"])).long() for e in examples])}
     for kind in ("image", "video"):
@@ -166,6 +223,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         if having:
             batch[f"{kind}_frames"] = torch.cat([e["frames"] for e in having])
             batch[f"{kind}_grid_thw"] = torch.stack([e["grid"] for e in having])
+            batch[f"{kind}_regions"] = torch.cat([e["regions"] for e in having], dim=1)
     return batch
 
 
@@ -175,7 +233,7 @@ def gpu_pixels(batch: dict, processor: QwenVLProcessor, tables: dict, device) ->
     of a kind are patchified at once: patches are time-major, so this equals concatenating the
     per-sample results (an image is its frame twice, as the processor pads it)."""
     inputs = {k: batch[k].to(device, non_blocking=True)
-              for k in ("input_ids", "labels", "mm_token_type_ids", "attention_mask")}
+              for k in ("input_ids", "labels", "mm_token_type_ids", "attention_mask", "position_ids")}
     for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                        ("video", "pixel_values_videos", "video_grid_thw")):
         if f"{kind}_frames" not in batch:
@@ -275,7 +333,12 @@ def main() -> None:
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=lambda e: collate(e, pad), persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98),
+    region_head = torch.nn.Linear(config.text_config.hidden_size,
+                                  len(COLOUR_IDS) + len(SHAPE_IDS) + len(WORD_IDS) + 3).to(device)
+    seen: list[torch.Tensor] = []  # the vision tower's outputs of one forward: images, then videos
+    hook = model.model.visual.register_forward_hook(lambda module, args, output: seen.append(output.pooler_output))
+    trained = [*model.parameters(), *region_head.parameters()]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98),
                                   fused=device.type == "cuda")
     budget_s, warmup = args.minutes * 60, 200
     curve, step, answers, waited, train_started = [], 0, 0, 0.0, time.perf_counter()
@@ -292,22 +355,27 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * max(scale, 0.02)
         inputs = gpu_pixels(batch, processor, tables, device)
+        regions = torch.cat([batch[k] for k in ("image_regions", "video_regions") if k in batch], dim=1)
+        seen.clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**inputs).loss
+            aux = region_loss(region_head, torch.cat(seen), regions.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + REGION_LOSS_WEIGHT * aux).backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        losses.append(loss.detach())
+        losses.append(torch.stack([loss.detach(), aux.detach()]))
         answers += int((batch["labels"] != -100).sum())
         step += 1
         if step % 100 == 0:
-            mean = torch.stack(losses).mean().item()
+            mean, mean_aux = torch.stack(losses).mean(0).tolist()
             losses.clear()
-            curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(mean, 4)})
-            print(f"step {step:6d} {elapsed:6.0f}s loss {mean:.4f}  {step / elapsed:5.2f} steps/s  "
+            curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(mean, 4),
+                          "region_loss": round(mean_aux, 4)})
+            print(f"step {step:6d} {elapsed:6.0f}s loss {mean:.4f} regions {mean_aux:.4f}  {step / elapsed:5.2f} steps/s  "
                   f"waiting for data {waited / elapsed:4.0%}", flush=True)
 
+    hook.remove()
     model.model.visual.config._attn_implementation = "sdpa"
     model.save_pretrained(args.out, safe_serialization=True)
     result = evaluate(model, processor, device, seed=99, n=args.eval_n)

@@ -58,10 +58,19 @@ def test_training_examples_equal_what_inference_sees(checkpoint):
         assert torch.equal(example["input_ids"], ref["input_ids"][0])
         assert torch.equal(example["labels"], ref["labels"][0])
         assert torch.equal(example["mm_token_type_ids"], ref["mm_token_type_ids"][0])
-    inputs = train_probe.gpu_pixels(train_probe.collate(examples, pad_id=0), processor, tables, torch.device("cpu"))
+    batch = train_probe.collate(examples, pad_id=0)
+    inputs = train_probe.gpu_pixels(batch, processor, tables, torch.device("cpu"))
     assert torch.equal(inputs["pixel_values"], torch.cat([r["pixel_values"] for r in reference[:2]]))
     assert torch.equal(inputs["image_grid_thw"], torch.cat([r["image_grid_thw"] for r in reference[:2]]))
     assert torch.equal(inputs["pixel_values_videos"], torch.cat([r["pixel_values_videos"] for r in reference[2:]]))
+
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    positions, _ = model.model.get_rope_index(  # the samples in the batch's order: images, then videos
+        batch["input_ids"], image_grid_thw=inputs["image_grid_thw"], video_grid_thw=inputs["video_grid_thw"],
+        attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"])
+    assert torch.equal(batch["position_ids"], positions)
 
 
 @pytest.mark.slow
