@@ -93,10 +93,13 @@ def encode(processor: QwenVLProcessor, sample: scenes.Sample, with_answer: bool 
     return encoded
 
 
-def encode_conversation(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> dict:
-    """Questions on one scene as one multi-turn example: the media once, then question, answer,
-    question, answer... in the chat template's own turn format. Only answers (and their
-    <|im_end|>) are learned. Pixels stay uint8 frames resized as the processor resizes them;
+def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> dict:
+    """Questions on one scene as ONE sequence that trains exactly as that many single-question
+    examples: the shared prefix (system prompt, user turn up to the media's end) once, then per
+    question a branch (the rest of the prompt, the answer, <|im_end|>) that sees the prefix and
+    itself only (`branch`: 0 prefix, j for question j; `tree_attention_mask` builds the mask)
+    and is positioned right after the prefix, as inference positions it. Only answers and their
+    <|im_end|> are learned. Pixels stay uint8 frames resized as the processor resizes them;
     `gpu_pixels` normalises and patchifies them on the device, bit for bit as the processor."""
     first, tokenizer = samples[0], processor.tokenizer
     cfg = processor.image_cfg if first.kind == "image" else processor.video_cfg
@@ -104,36 +107,51 @@ def encode_conversation(processor: QwenVLProcessor, samples: list[scenes.Sample]
     size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     resized = np.stack([resize_frame(f, size) for f in frames])
     grid = (-(-len(frames) // cfg.temporal_patch_size), size[0] // cfg.patch_size, size[1] // cfg.patch_size)
+    pad_id = processor.video_token_id if first.kind == "video" else processor.image_token_id
     n_visual = grid[0] * grid[1] * grid[2] // cfg.merge_size ** 2
 
-    messages, rendered, ids, labels = [], "", [], []
-    for turn, sample in enumerate(samples):
-        text = sample.question + PROMPT_SUFFIX
-        content = [{"type": first.kind}, {"type": "text", "text": text}] if turn == 0 else text
-        messages.append({"role": "user", "content": content})
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        piece = tokenizer.encode(prompt[len(rendered):], add_special_tokens=False)
-        ids += piece
-        labels += [-100] * len(piece)
+    prefix_text, prefix = None, []
+    ids, labels, branch, positions = [], [], [], []
+    for number, sample in enumerate(samples, start=1):
+        content = [{"type": first.kind}, {"type": "text", "text": sample.question + PROMPT_SUFFIX}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        cut = prompt.index("<|vision_end|>") + len("<|vision_end|>")
+        if prefix_text is None:
+            prefix_text = prompt[:cut]
+            prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
+            at = prefix.index(pad_id)  # the template's one pad token becomes one per visual token
+            prefix[at:at + 1] = [pad_id] * n_visual
+            ids, labels, branch = list(prefix), [-100] * len(prefix), [0] * len(prefix)
+        elif prompt[:cut] != prefix_text:
+            raise AssertionError("questions on one scene must share the prompt up to the media")
+        question = tokenizer.encode(prompt[cut:], add_special_tokens=False)
         answer = tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)
-        messages.append({"role": "assistant", "content": sample.answer})
-        rendered = processor.apply_chat_template(messages, add_generation_prompt=False)
-        rest = tokenizer.encode(rendered[len(prompt):], add_special_tokens=False)
-        if rest[:len(answer)] != answer:
-            raise AssertionError(f"the chat template does not close an answer as expected: {rendered[len(prompt):]!r}")
-        ids += rest
-        labels += answer + [-100] * (len(rest) - len(answer))
-    del ids[len(ids) - (len(rest) - len(answer)):], labels[len(labels) - (len(rest) - len(answer)):]  # ends on an answer
-    pad_id = processor.video_token_id if first.kind == "video" else processor.image_token_id
-    at = ids.index(pad_id)  # the template's one pad token becomes one per visual token
-    ids[at:at + 1], labels[at:at + 1] = [pad_id] * n_visual, [-100] * n_visual
+        ids += question + answer
+        labels += [-100] * len(question) + answer
+        branch += [number] * (len(question) + len(answer))
+        single = torch.tensor(prefix + question + answer)
+        single_positions = mrope_positions(_token_types(single, pad_id, first.kind), [grid], cfg.merge_size)
+        positions.append(single_positions if number == 1 else single_positions[:, len(prefix):])
     input_ids = torch.tensor(ids)
-    token_types = torch.zeros_like(input_ids, dtype=torch.int32)
-    token_types[input_ids == pad_id] = TOKEN_TYPE_VIDEO if first.kind == "video" else TOKEN_TYPE_IMAGE
     regions = region_targets(first, grid[0], grid[1] // cfg.merge_size, grid[2] // cfg.merge_size)
     return {"kind": first.kind, "frames": torch.from_numpy(resized), "grid": torch.tensor(grid), "regions": regions,
-            "input_ids": input_ids, "labels": torch.tensor(labels), "mm_token_type_ids": token_types,
-            "position_ids": mrope_positions(token_types, [grid], cfg.merge_size)}
+            "input_ids": input_ids, "labels": torch.tensor(labels), "branch": torch.tensor(branch),
+            "mm_token_type_ids": _token_types(input_ids, pad_id, first.kind), "position_ids": torch.cat(positions, 1)}
+
+
+def _token_types(input_ids: torch.Tensor, pad_id: int, kind: str) -> torch.Tensor:
+    token_types = torch.zeros_like(input_ids, dtype=torch.int32)
+    token_types[input_ids == pad_id] = TOKEN_TYPE_VIDEO if kind == "video" else TOKEN_TYPE_IMAGE
+    return token_types
+
+
+def tree_attention_mask(branch: torch.Tensor) -> torch.Tensor:
+    """(B, L) branch ids (0 prefix, j question j, -1 padding) -> (B, 1, L, L) boolean mask: causal,
+    and a branch sees the prefix and itself. Padding rows see the prefix (no empty rows)."""
+    length = branch.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=branch.device).tril()
+    query, key = branch[:, :, None], branch[:, None, :]
+    return (causal & ((key == 0) | ((key == query) & (key > 0))))[:, None]
 
 
 def region_targets(sample: scenes.Sample, groups: int, rows: int, columns: int) -> torch.Tensor:
@@ -202,7 +220,7 @@ class SceneStream(IterableDataset):
         processor = QwenVLProcessor.from_pretrained(self.checkpoint)
         rng = random.Random(self.seed * 1_000_003 + (worker.id if worker else 0))
         while True:
-            yield encode_conversation(processor, training_example(rng))
+            yield encode_scene(processor, training_example(rng))
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -215,9 +233,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
     positions = [torch.nn.functional.pad(e["position_ids"], (0, length - len(e["input_ids"]))) for e in examples]
     batch = {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", -100),
-             "position_ids": torch.stack(positions, dim=1),
-             "mm_token_type_ids": padded("mm_token_type_ids", 0),
-             "attention_mask": torch.stack([(torch.arange(length) < len(e["input_ids"])).long() for e in examples])}
+             "position_ids": torch.stack(positions, dim=1), "branch": padded("branch", -1),
+             "mm_token_type_ids": padded("mm_token_type_ids", 0)}
     for kind in ("image", "video"):
         having = [e for e in examples if e["kind"] == kind]
         if having:
@@ -233,7 +250,8 @@ def gpu_pixels(batch: dict, processor: QwenVLProcessor, tables: dict, device) ->
     of a kind are patchified at once: patches are time-major, so this equals concatenating the
     per-sample results (an image is its frame twice, as the processor pads it)."""
     inputs = {k: batch[k].to(device, non_blocking=True)
-              for k in ("input_ids", "labels", "mm_token_type_ids", "attention_mask", "position_ids")}
+              for k in ("input_ids", "labels", "mm_token_type_ids", "position_ids")}
+    inputs["attention_mask"] = tree_attention_mask(batch["branch"].to(device, non_blocking=True))
     for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                        ("video", "pixel_values_videos", "video_grid_thw")):
         if f"{kind}_frames" not in batch:
@@ -297,6 +315,21 @@ def archive(folder: Path, into: Path, part_bytes: int = 15 * 2**20) -> list[Path
     return parts
 
 
+def _profile(running, device):
+    """Start a profiler, or stop `running` and print where the steps' time went."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if running is None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        running = profile(activities=activities)
+        running.__enter__()
+        return running
+    running.__exit__(None, None, None)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(running.key_averages().table(sort_by=key, row_limit=25), flush=True)
+    return None
+
+
 def main() -> None:
     from transformers import AttentionInterface, AutoModelForImageTextToText, GenerationConfig
 
@@ -309,6 +342,7 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=400)
     parser.add_argument("--small", action="store_true", help="a smaller model (CPU smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of steps 30-39")
     parser.add_argument("--archive", type=Path, help="also write the checkpoint here as .tar.gz parts of <= 15 MiB")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -345,8 +379,10 @@ def main() -> None:
     losses = []
     model.model.visual.config._attn_implementation = VISION_ATTENTION
     model.train()
-    batches = iter(loader)
+    batches, profiler = iter(loader), None
     while (elapsed := time.perf_counter() - train_started) < budget_s:
+        if args.profile and step in (30, 40):
+            profiler = _profile(profiler if step == 40 else None, device)
         wait_started = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - wait_started

@@ -53,7 +53,7 @@ def test_training_examples_equal_what_inference_sees(checkpoint):
               for kind, cfg in (("image", processor.image_cfg), ("video", processor.video_cfg))}
     samples = [scenes.sample_at(4, i) for i in (0, 1, 6, 7)]  # two images (448-672 px), two videos
     reference = [train_probe.encode(processor, s) for s in samples]
-    examples = [train_probe.encode_conversation(processor, [s]) for s in samples]
+    examples = [train_probe.encode_scene(processor, [s]) for s in samples]
     for ref, example in zip(reference, examples):
         assert torch.equal(example["input_ids"], ref["input_ids"][0])
         assert torch.equal(example["labels"], ref["labels"][0])
@@ -69,26 +69,48 @@ def test_training_examples_equal_what_inference_sees(checkpoint):
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)
     positions, _ = model.model.get_rope_index(  # the samples in the batch's order: images, then videos
         batch["input_ids"], image_grid_thw=inputs["image_grid_thw"], video_grid_thw=inputs["video_grid_thw"],
-        attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"])
+        attention_mask=(batch["branch"] >= 0).long(), mm_token_type_ids=batch["mm_token_type_ids"])
     assert torch.equal(batch["position_ids"], positions)
 
 
 @pytest.mark.slow
-def test_a_conversation_learns_every_answer_and_starts_as_inference_does(checkpoint):
+def test_a_scene_trains_exactly_as_its_single_questions(checkpoint):
+    """One sequence, several questions: each branch sees what a lone example would (tokens,
+    positions, attention), so its logits equal the lone example's (fp32, CPU)."""
     import random
+
+    from transformers import AutoModelForImageTextToText
 
     from sparsevlm.preprocess import QwenVLProcessor
 
     processor = QwenVLProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
     questions = scenes.scene_questions(random.Random(7))
     assert len(questions) >= 6 and len({id(q.frames) for q in questions}) == 1  # one render
-    example = train_probe.encode_conversation(processor, questions)
-    first_prompt = train_probe.encode(processor, questions[0], with_answer=False)["input_ids"][0]
-    assert torch.equal(example["input_ids"][:len(first_prompt)], first_prompt)
-    learned = processor.tokenizer.decode(example["labels"][example["labels"] != -100], skip_special_tokens=False)
-    assert learned == "".join(q.answer + "<|im_end|>" for q in questions)
-    text = processor.tokenizer.decode(example["input_ids"], skip_special_tokens=False)
-    assert all(q.question in text for q in questions) and text.count("<|im_start|>assistant") == len(questions)
+    scene = train_probe.encode_scene(processor, questions)
+    batch = train_probe.collate([scene], pad_id=0)
+    inputs = train_probe.gpu_pixels(batch, processor, {"image": _table(processor.image_cfg)}, torch.device("cpu"))
+    with torch.no_grad():
+        tree_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[0]
+    branch, prefix = scene["branch"], int((scene["branch"] == 0).sum())
+    assert torch.equal(branch[:prefix], torch.zeros(prefix, dtype=branch.dtype))
+    for number, question in enumerate(questions, start=1):
+        lone = train_probe.encode(processor, question)
+        mine = torch.cat([torch.arange(prefix), (branch == number).nonzero()[:, 0]])
+        assert torch.equal(scene["input_ids"][mine], lone["input_ids"][0])
+        assert torch.equal(scene["labels"][mine], lone["labels"][0])
+        positions, _ = model.model.get_rope_index(lone["input_ids"], image_grid_thw=lone["image_grid_thw"],
+                                                  mm_token_type_ids=lone["mm_token_type_ids"])
+        assert torch.equal(scene["position_ids"][:, mine], positions[:, 0])
+        with torch.no_grad():
+            lone_logits = model(**{k: v for k, v in lone.items() if k != "labels"}).logits[0]
+        torch.testing.assert_close(tree_logits[mine], lone_logits, rtol=1e-4, atol=1e-4)
+
+
+def _table(cfg):
+    from sparsevlm.preprocess import normalization_table
+
+    return torch.from_numpy(normalization_table(cfg))
 
 
 @pytest.mark.slow
