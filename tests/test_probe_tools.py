@@ -162,3 +162,26 @@ def test_archive_parts_rebuild_the_checkpoint(checkpoint, tmp_path):
 
     small = train_probe.archive(checkpoint, tmp_path / "small-parts", part_bytes=100_000)
     assert len(small) > 1 and b"".join(p.read_bytes() for p in small)[:2] == b"\x1f\x8b"  # gzip, split
+
+
+def test_region_targets_name_what_is_drawn_under_each_token():
+    import numpy as np
+
+    sample = scenes.sample_at(9, 5)  # a read question: one labelled object
+    targets = train_probe.region_targets(sample, 1, 16, 16)
+    image, size = np.asarray(sample.frames[0]), sample.frames[0].width
+    centres = ((np.arange(16) + 0.5) * size / 16).astype(int)
+    colours = {train_probe.COLOUR_IDS[name]: rgb for name, rgb in scenes.COLOURS.items()}
+    ink = {(0, 0, 0), (255, 255, 255)}
+    labelled = 0
+    for token, (colour, shape, word) in enumerate(targets.T.tolist()):
+        pixel = tuple(int(c) for c in image[centres[token // 16], centres[token % 16]])
+        if colour:
+            labelled += 1
+            assert shape and (pixel == colours[colour] or word), (token, pixel)  # words draw over their object
+        else:
+            assert shape == word == 0 and pixel not in colours.values() and pixel not in ink
+    assert labelled >= 4 and (targets[2] > 0).any()
+    video = scenes.sample_at(9, 6)  # motion: the mover's tokens shift between frame groups
+    groups = train_probe.region_targets(video, 4, 16, 16)[0].view(4, 256)
+    assert groups.shape == (4, 256) and not torch.equal(groups[0], groups[3])
