@@ -44,7 +44,8 @@ def run(engine: VLMEngine, seed: int, n: int, sparsity: SparsityConfig, max_pixe
         image_cfg, video_cfg = processor.image_cfg, processor.video_cfg
         processor = QwenVLProcessor(processor.tokenizer,
                                     dataclasses.replace(image_cfg, min_pixels=max_pixels, max_pixels=max_pixels),
-                                    dataclasses.replace(video_cfg, min_pixels=max_pixels, max_pixels=max_pixels))
+                                    dataclasses.replace(video_cfg, min_pixels=max_pixels, max_pixels=max_pixels),
+                                    processor.with_second_per_grid_ts)
     samples = scenes.generate(seed, n)
     params = SamplingParams(max_new_tokens=6)
     answered, visual, equiv = [], [], []
@@ -100,7 +101,8 @@ def main() -> None:
     if not (args.model / "config.json").exists():
         parser.error(f"no model at {args.model} (train one: python benchmarks/train_probe.py --out {args.model})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = VLMEngine.from_pretrained(str(args.model), dtype=torch.float32, device=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # flash attention on CUDA wants bf16
+    engine = VLMEngine.from_pretrained(str(args.model), dtype=dtype, device=device)
     command = " ".join(["python", *sys.argv])
     if not args.sweep:
         sparsity = SparsityConfig(method=args.method, preset=args.preset, keep_ratio=args.keep_ratio)
@@ -115,6 +117,9 @@ def main() -> None:
             rows.append({"name": name, "max_pixels": pixels, **row})
             print(f"{name:<18} accuracy {row['accuracy']:.3f} (visual tokens, layer-averaged "
                   f"{row['equiv_visual_tokens_mean']:.0f})", flush=True)
+            if args.json:  # as it goes: a long sweep cut short keeps its rows
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"command": command, "seed": args.seed, "n": args.n, "rows": rows}))
         result = {"command": command, "seed": args.seed, "n": args.n, "model": str(args.model), "rows": rows}
         print(table(rows))
     if args.json:
