@@ -1,13 +1,15 @@
 """Train the scene probe: a small Qwen2-VL-architecture VLM, from scratch, on procedural scene VQA.
 
-    python benchmarks/train_probe.py --out jobs/models/scene-probe --minutes 15     # one H100
+    python benchmarks/train_probe.py --out jobs/models/scene-probe --minutes 16.5 --workers 15   # one GPU
+        # (the committed probe: an H200, 5,134 steps; 16 CPU cores keep it GPU-bound)
     python benchmarks/train_probe.py --out /tmp/probe --minutes 1 --small          # CPU smoke run
     python benchmarks/train_probe.py --out /tmp/probe --archive $OUT               # + the checkpoint as
         # probe.tar.gz.partNN files of at most 15 MiB; back on this side: cat probe.tar.gz.part* | tar xz
 
 Fresh scenes every step (benchmarks/scenes.py, drawn in DataLoader workers, seeds disjoint
-from the test seeds' range), preprocessed by the same processor the engine uses at
-inference, loss on the answer tokens only. Writes a hub-style checkpoint (safetensors,
+from the test seeds' range), each with all its questions as branches of one sequence
+(`encode_scene`: trains exactly as lone questions, tested), preprocessed as the engine's
+processor does, loss on the answer tokens plus an auxiliary per-region target. Writes a hub-style checkpoint (safetensors,
 tokenizer with chat template, preprocessor configs) that `VLMEngine.from_pretrained` and
 the jobs load, and `training.json` (command, steps, loss curve, held-out accuracy).
 """
