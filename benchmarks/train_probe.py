@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenes  # noqa: E402
 
 from sparsevlm.preprocess import (  # noqa: E402
-    TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, QwenVLProcessor, normalization_table, normalize_frames, patchify,
+    TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, QwenVLProcessor, _to_rgb_uint8, normalization_table, normalize_frames, patchify,
     resize_frame, smart_resize)
 from sparsevlm.tiny import build_tokenizer, vision_token_ids, write_preprocessor_configs  # noqa: E402
 
@@ -105,7 +105,7 @@ def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> di
     `gpu_pixels` normalises and patchifies them on the device, bit for bit as the processor."""
     first, tokenizer = samples[0], processor.tokenizer
     cfg = processor.image_cfg if first.kind == "image" else processor.video_cfg
-    frames = [_rgb(f) for f in first.frames]
+    frames = [_to_rgb_uint8(f) for f in first.frames]
     size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     resized = np.stack([resize_frame(f, size) for f in frames])
     grid = (-(-len(frames) // cfg.temporal_patch_size), size[0] // cfg.patch_size, size[1] // cfg.patch_size)
@@ -131,9 +131,11 @@ def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> di
         ids += question + answer
         labels += [-100] * len(question) + answer
         branch += [number] * (len(question) + len(answer))
-        single = torch.tensor(prefix + question + answer)
-        single_positions = mrope_positions(_token_types(single, pad_id, first.kind), [grid], cfg.merge_size)
-        positions.append(single_positions if number == 1 else single_positions[:, len(prefix):])
+        if number == 1:  # every branch continues the prefix's positions from where its text stops
+            prefix_ids = torch.tensor(prefix)
+            positions.append(mrope_positions(_token_types(prefix_ids, pad_id, first.kind), [grid], cfg.merge_size))
+            start = int(positions[0][0, -1]) + 1  # the prefix ends on text (<|vision_end|>)
+        positions.append(torch.arange(start, start + len(question) + len(answer)).expand(3, -1))
     input_ids = torch.tensor(ids)
     regions = region_targets(first, grid[0], grid[1] // cfg.merge_size, grid[2] // cfg.merge_size)
     return {"kind": first.kind, "frames": torch.from_numpy(resized), "grid": torch.tensor(grid), "regions": regions,
@@ -198,10 +200,6 @@ def mrope_positions(token_types: torch.Tensor, grids: list[tuple[int, int, int]]
         pieces.append(torch.stack([t_index.flatten(), h_index.flatten(), w_index.flatten()]) + position)
         position += max(h, w)
     return torch.cat(pieces, dim=1)
-
-
-def _rgb(frame):
-    return frame if frame.mode == "RGB" else frame.convert("RGB")
 
 
 def training_example(rng: random.Random) -> list[scenes.Sample]:
