@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenes  # noqa: E402
-from train_probe import encode  # noqa: E402
+from probe_data import encode  # noqa: E402
 
 from sparsevlm import SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 from sparsevlm.preprocess import QwenVLProcessor  # noqa: E402

@@ -43,6 +43,7 @@ DIRECTIONS = ("left", "right", "up", "down")
 IMAGE_TYPES = ("colour", "shape", "exists", "position", "count", "read")
 VIDEO_TYPES = ("motion", "order")
 VIDEO_SIZE, VIDEO_FRAMES = 448, 8
+FONT_SIZE = 26  # px at 448: glyphs about a 14-px patch wide, so a word spans two or three merged tokens
 
 
 @dataclass
@@ -110,16 +111,23 @@ def _draw(draw: ImageDraw.ImageDraw, thing: Thing, x: float, y: float, font_size
     else:
         draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
     if thing.word and not silhouette:
-        font = ImageFont.load_default(size=font_size)
+        font = _font(font_size)
         ink = (0, 0, 0) if thing.colour in ("yellow", "orange", "green") else (255, 255, 255)
         draw.text((x, y + (r * 0.2 if thing.shape == "triangle" else 0)), thing.word, fill=ink, font=font,
                   anchor="mm")
 
 
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    font = ImageFont.load_default(size=size)
+    if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap fallback ignores `size`: other scenes
+        raise RuntimeError("Pillow without FreeType: scenes would not render as on other machines")
+    return font
+
+
 def render(things: list[Thing], background: Image.Image, frame: int = 0) -> Image.Image:
     image = background.copy()
     draw = ImageDraw.Draw(image)
-    font_size = max(14, round(background.width / 448 * 22))
+    font_size = max(14, round(background.width / 448 * FONT_SIZE))
     for thing in things:
         if frame >= thing.appears_at:
             x, y = thing.x + thing.velocity[0] * frame, thing.y + thing.velocity[1] * frame
@@ -224,13 +232,14 @@ def make_image_sample(rng: random.Random, qtype: str) -> Sample:
 
 
 def scene_questions(rng: random.Random, objects: tuple[int, int] = (1, 6)) -> list[Sample]:
-    """Training: one drawn image scene and every question that can be asked of it (position,
-    exists and count twice), in random order: one render serves several answers. Scenes with
-    fewer objects than the tests' 3-6 are easy cases that teach what to look for."""
+    """Training: one drawn image scene and every question that can be asked of it (position
+    three times, exists, count and read twice), in random order: one render serves several
+    answers. Scenes with fewer objects than the tests' 3-6 are easy cases that teach what to
+    look for; most carry one or two labels."""
     size = rng.randrange(448, 673, 28)
-    things = _scene(rng, size, rng.randint(*objects), words=rng.choice([0, 1, 1]))
+    things = _scene(rng, size, rng.randint(*objects), words=rng.choice([0, 1, 1, 2]))
     frames = [render(things, _background(rng, size))]
-    qtypes = list(IMAGE_TYPES + ("position", "exists", "count"))
+    qtypes = list(IMAGE_TYPES + ("position", "position", "exists", "count", "read"))
     rng.shuffle(qtypes)
     asked = [(qtype, _ask(rng, qtype, things)) for qtype in qtypes]
     return [Sample("image", qa[0], qa[1], qtype, frames, things) for qtype, qa in asked if qa]

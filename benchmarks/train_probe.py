@@ -1,61 +1,63 @@
 """Train the scene probe: a small Qwen2-VL-architecture VLM, from scratch, on procedural scene VQA.
 
     python benchmarks/train_probe.py --out jobs/models/scene-probe --minutes 16.5 --workers 15   # one GPU
-        # (the committed probe: an H200, 5,134 steps; 16 CPU cores keep it GPU-bound)
+        # (16 CPU cores keep an H100 / H200 GPU-bound; training.json says how the committed probe ran)
     python benchmarks/train_probe.py --out /tmp/probe --minutes 1 --small          # CPU smoke run
     python benchmarks/train_probe.py --out /tmp/probe --archive $OUT               # + the checkpoint as
         # probe.tar.gz.partNN files of at most 15 MiB; back on this side: cat probe.tar.gz.part* | tar xz
 
 Fresh scenes every step (benchmarks/scenes.py, drawn in DataLoader workers, seeds disjoint
 from the test seeds' range), each with all its questions as branches of one sequence
-(`encode_scene`: trains exactly as lone questions, tested), preprocessed as the engine's
-processor does, loss on the answer tokens plus an auxiliary per-region target. Writes a hub-style checkpoint (safetensors,
-tokenizer with chat template, preprocessor configs) that `VLMEngine.from_pretrained` and
-the jobs load, and `training.json` (command, steps, loss curve, held-out accuracy).
+(benchmarks/probe_data.py: trains exactly as lone questions, tested), preprocessed as the
+engine's processor does. Loss on the answer tokens plus two auxiliary targets: what lies under
+each visual token, and where each visual token is. Writes a hub-style checkpoint (safetensors,
+tokenizer with chat template, preprocessor configs) that `VLMEngine.from_pretrained` and the
+jobs load, and `training.json` (command, steps, loss curve, held-out accuracy).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import itertools
 import json
 import math
-import random
 import sys
 import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenes  # noqa: E402
+from probe_data import (  # noqa: E402
+    COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, SceneStream, collate, encode, gpu_pixels, grid_targets)
 
-from sparsevlm.preprocess import (  # noqa: E402
-    TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, QwenVLProcessor, _to_rgb_uint8, normalization_table, normalize_frames, patchify,
-    resize_frame, smart_resize)
+from sparsevlm.preprocess import QwenVLProcessor, normalization_table  # noqa: E402
 from sparsevlm.tiny import build_tokenizer, vision_token_ids, write_preprocessor_configs  # noqa: E402
 
 PIXELS = 448 * 448  # every scene is resized to 448x448: 256 visual tokens per image / frame pair
-TRAIN_SEED_BASE = 1_000_000  # training scenes use seeds from here on; tests and benchmarks use small seeds
-PROMPT_SUFFIX = " Answer with one or two words."
-# With head_dim 32 and the usual theta of 10000, M-RoPE's width section turns by ~0.003 rad per
-# column at most: the decoder could not tell left from right. At 100 it turns 0.013-0.056.
-ROPE_THETA = 100.0
-VIDEO_SHARE = 0.3  # of training examples; an image example carries ~9 questions, a video one
-VISION_ATTENTION = "probe_chunked_flash"
-# Auxiliary training target: what lies under each visual token. Selecting "the triangle" among
-# 256 tokens by attention learns slowly while the tokens do not yet say what they show; this
-# dense signal teaches them that early. The head is dropped after training (not in the checkpoint).
+GRID = 16  # merged tokens per side at 448x448
+# head_dim 32 gives 16 rotary frequencies, theta^(-i/16); Qwen2-VL hands the first to time, then
+# rows, then columns (the slowest). At the usual theta of 10000 columns turned <= 0.003 rad apart,
+# and at 100 (the first probe) 0.013-0.056: left/right stayed near chance while above/below, on
+# faster frequencies, did better. theta 30 with sections (2, 7, 7): rows 0.65-0.18, columns 0.15-0.04.
+ROPE_THETA = 30.0
+MROPE_SECTION = (2, 7, 7)
+VISION_ATTENTION = "probe_chunked_flash"  # "flash" in the name: transformers then passes cu_seqlens
+# Auxiliary targets, weighted against the answer loss. Regions: what lies under each visual token
+# (colour, shape, word). Selecting "the triangle" among 256 tokens by attention learns slowly while
+# the tokens do not yet say what they show; this dense signal teaches them that early. Labelled
+# tokens are few, so background counts a tenth in the word target. Grid: each visual token's row and
+# column from the decoder's hidden state after GRID_LAYER, so positions travel in what attention
+# moves. Both heads are dropped after training (not in the checkpoint).
 REGION_LOSS_WEIGHT = 0.5
-COLOUR_IDS = {name: i + 1 for i, name in enumerate(scenes.COLOURS)}
-SHAPE_IDS = {name: i + 1 for i, name in enumerate(scenes.SHAPES)}
-WORD_IDS = {name: i + 1 for i, name in enumerate(scenes.WORDS)}  # "flash" in the name: transformers then passes cu_seqlens
+GRID_LOSS_WEIGHT = 0.5
+GRID_LAYER = 1
+BACKGROUND_WORD_WEIGHT = 0.1
 
 
 def model_config(tokenizer, small: bool):
@@ -63,210 +65,57 @@ def model_config(tokenizer, small: bool):
 
     ids = vision_token_ids(tokenizer)
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    hidden, layers, heads = (64, 2, 4) if small else (192, 8, 6)
-    head_dim = hidden // heads
-    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # t, h, w: sums to head_dim / 2
+    hidden, layers, heads = (64, 2, 2) if small else (192, 8, 6)
+    if hidden // heads != 2 * sum(MROPE_SECTION):
+        raise ValueError(f"M-RoPE sections {MROPE_SECTION} must cover head_dim {hidden // heads} / 2")
     # one key/value head per query head: matching a question's words to regions needs distinct keys
     text = dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=heads, max_position_embeddings=4096, rms_norm_eps=1e-6, vocab_size=len(tokenizer),
                 tie_word_embeddings=True, eos_token_id=eos, bos_token_id=pad, pad_token_id=pad,
-                rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": section})
-    vision = dict(depth=2 if small else 4, embed_dim=32 if small else 128, hidden_size=hidden,
+                rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
+                                 "mrope_section": list(MROPE_SECTION)})
+    vision = dict(depth=2 if small else 6, embed_dim=32 if small else 128, hidden_size=hidden,
                   num_heads=2 if small else 4, mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids), (eos, pad)
 
 
-def encode(processor: QwenVLProcessor, sample: scenes.Sample, with_answer: bool = True) -> dict:
-    """One training (or inference, without the answer) example, exactly as the jobs build prompts."""
-    content = [{"type": sample.kind}, {"type": "text", "text": sample.question + PROMPT_SUFFIX}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}])
-    media = {"images": [sample.media]} if sample.kind == "image" else {"videos": [sample.media]}
-    encoded = processor(text=[prompt], **media)
-    if not with_answer:
-        return encoded
-    answer = torch.tensor([processor.tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)])
-    n_prompt = encoded["input_ids"].shape[1]
-    encoded["input_ids"] = torch.cat([encoded["input_ids"], answer], dim=1)
-    encoded["attention_mask"] = torch.ones_like(encoded["input_ids"])
-    text_type = torch.zeros_like(answer, dtype=torch.int32)
-    encoded["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], text_type], dim=1)
-    encoded["labels"] = encoded["input_ids"].clone()
-    encoded["labels"][:, :n_prompt] = -100
-    return encoded
+class AuxiliaryHeads(torch.nn.Module):
+    """Linear read-outs for the auxiliary targets (training only)."""
 
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.sizes = [len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(WORD_IDS) + 1]
+        self.regions = torch.nn.Linear(hidden, sum(self.sizes))
+        self.grid = torch.nn.Linear(hidden, 2 * GRID)
+        self.register_buffer("word_weight", torch.tensor([BACKGROUND_WORD_WEIGHT] + [1.0] * len(WORD_IDS)))
 
-def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> dict:
-    """Questions on one scene as ONE sequence that trains exactly as that many single-question
-    examples: the shared prefix (system prompt, user turn up to the media's end) once, then per
-    question a branch (the rest of the prompt, the answer, <|im_end|>) that sees the prefix and
-    itself only (`branch`: 0 prefix, j for question j; `tree_attention_mask` builds the mask)
-    and is positioned right after the prefix, as inference positions it. Only answers and their
-    <|im_end|> are learned. Pixels stay uint8 frames resized as the processor resizes them;
-    `gpu_pixels` normalises and patchifies them on the device, bit for bit as the processor."""
-    first, tokenizer = samples[0], processor.tokenizer
-    cfg = processor.image_cfg if first.kind == "image" else processor.video_cfg
-    frames = [_to_rgb_uint8(f) for f in first.frames]
-    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-    resized = np.stack([resize_frame(f, size) for f in frames])
-    grid = (-(-len(frames) // cfg.temporal_patch_size), size[0] // cfg.patch_size, size[1] // cfg.patch_size)
-    pad_id = processor.video_token_id if first.kind == "video" else processor.image_token_id
-    n_visual = grid[0] * grid[1] * grid[2] // cfg.merge_size ** 2
+    def region_logits(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.regions(features.float()).split(self.sizes, dim=-1))
 
-    prefix_text, prefix = None, []
-    ids, labels, branch, positions = [], [], [], []
-    for number, sample in enumerate(samples, start=1):
-        content = [{"type": first.kind}, {"type": "text", "text": sample.question + PROMPT_SUFFIX}]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        cut = prompt.index("<|vision_end|>") + len("<|vision_end|>")
-        if prefix_text is None:
-            prefix_text = prompt[:cut]
-            prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
-            at = prefix.index(pad_id)  # the template's one pad token becomes one per visual token
-            prefix[at:at + 1] = [pad_id] * n_visual
-            ids, labels, branch = list(prefix), [-100] * len(prefix), [0] * len(prefix)
-        elif prompt[:cut] != prefix_text:
-            raise AssertionError("questions on one scene must share the prompt up to the media")
-        question = tokenizer.encode(prompt[cut:], add_special_tokens=False)
-        answer = tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)
-        ids += question + answer
-        labels += [-100] * len(question) + answer
-        branch += [number] * (len(question) + len(answer))
-        if number == 1:  # every branch continues the prefix's positions from where its text stops
-            prefix_ids = torch.tensor(prefix)
-            positions.append(mrope_positions(_token_types(prefix_ids, pad_id, first.kind), [grid], cfg.merge_size))
-            start = int(positions[0][0, -1]) + 1  # the prefix ends on text (<|vision_end|>)
-        positions.append(torch.arange(start, start + len(question) + len(answer)).expand(3, -1))
-    input_ids = torch.tensor(ids)
-    regions = region_targets(first, grid[0], grid[1] // cfg.merge_size, grid[2] // cfg.merge_size)
-    return {"kind": first.kind, "frames": torch.from_numpy(resized), "grid": torch.tensor(grid), "regions": regions,
-            "input_ids": input_ids, "labels": torch.tensor(labels), "branch": torch.tensor(branch),
-            "mm_token_type_ids": _token_types(input_ids, pad_id, first.kind), "position_ids": torch.cat(positions, 1)}
+    def region_loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of colour, shape and word under each visual token (N, hidden) vs (3, N)."""
+        colour, shape, word = self.region_logits(features)
+        cross_entropy = torch.nn.functional.cross_entropy
+        return (cross_entropy(colour, targets[0]) + cross_entropy(shape, targets[1])
+                + cross_entropy(word, targets[2], weight=self.word_weight)) / 3
 
+    def grid_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each visual token's row and column: (B, L, hidden) vs (2, B, L), -100 ignored."""
+        rows, columns = self.grid(hidden.float()).split(GRID, dim=-1)
+        cross_entropy = torch.nn.functional.cross_entropy
+        return (cross_entropy(rows.flatten(0, 1), targets[0].flatten())
+                + cross_entropy(columns.flatten(0, 1), targets[1].flatten())) / 2
 
-def _token_types(input_ids: torch.Tensor, pad_id: int, kind: str) -> torch.Tensor:
-    token_types = torch.zeros_like(input_ids, dtype=torch.int32)
-    token_types[input_ids == pad_id] = TOKEN_TYPE_VIDEO if kind == "video" else TOKEN_TYPE_IMAGE
-    return token_types
-
-
-def tree_attention_mask(branch: torch.Tensor) -> torch.Tensor:
-    """(B, L) branch ids (0 prefix, j question j, -1 padding) -> (B, 1, L, L) boolean mask: causal,
-    and a branch sees the prefix and itself. Padding rows see the prefix (no empty rows)."""
-    length = branch.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=branch.device).tril()
-    query, key = branch[:, :, None], branch[:, None, :]
-    return (causal & ((key == 0) | ((key == query) & (key > 0))))[:, None]
-
-
-def region_targets(sample: scenes.Sample, groups: int, rows: int, columns: int) -> torch.Tensor:
-    """(3, groups*rows*columns) class ids of the object under each visual token's centre, in
-    token order: colour (0 = background, then COLOURS), shape (0, then SHAPES), word (0 = none,
-    then WORDS). A video's frame group is labelled by its later frame."""
-    size = sample.frames[0].width
-    centres_y = ((np.arange(rows) + 0.5) * size / rows).astype(int)
-    centres_x = ((np.arange(columns) + 0.5) * size / columns).astype(int)
-    lookup = np.zeros((3, len(sample.things) + 1), dtype=np.int64)
-    for index, thing in enumerate(sample.things, start=1):
-        lookup[:, index] = (COLOUR_IDS[thing.colour], SHAPE_IDS[thing.shape], WORD_IDS.get(thing.word, 0))
-    targets = []
-    for group in range(groups):
-        frame = min(2 * group + 1, len(sample.frames) - 1)
-        covering = np.asarray(scenes.object_map(sample.things, size, frame))[centres_y][:, centres_x]
-        targets.append(lookup[:, covering.reshape(-1)])
-    return torch.from_numpy(np.concatenate(targets, axis=1))
-
-
-def region_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of colour, shape and word under each visual token, from what the decoder sees."""
-    logits = head(features.float()).split([len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(WORD_IDS) + 1], dim=-1)
-    return sum(torch.nn.functional.cross_entropy(lg, t) for lg, t in zip(logits, targets)) / 3
-
-
-def mrope_positions(token_types: torch.Tensor, grids: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
-    """Qwen2-VL's 3-D positions (t, h, w) of one unpadded sequence, (3, L): text counts on in all
-    three, a visual block spans its merged grid from where the text stopped, and text resumes
-    after the block's largest spatial side. Computed here, in the data workers, because
-    transformers computes them per sample on the device with host syncs (tested equal to it)."""
-    pieces, position, blocks = [], 0, iter(grids)
-    for token_type, run in itertools.groupby(token_types.tolist()):
-        length = len(list(run))
-        if token_type == 0:
-            pieces.append(torch.arange(position, position + length).expand(3, -1))
-            position += length
-            continue
-        t, h, w = next(blocks)
-        h, w = h // merge, w // merge
-        t_index, h_index, w_index = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-        pieces.append(torch.stack([t_index.flatten(), h_index.flatten(), w_index.flatten()]) + position)
-        position += max(h, w)
-    return torch.cat(pieces, dim=1)
-
-
-def training_example(rng: random.Random) -> list[scenes.Sample]:
-    """A video with its one question, or an image scene with all of its questions."""
-    if rng.random() < VIDEO_SHARE:
-        return [scenes.make_video_sample(rng, rng.choice(scenes.VIDEO_TYPES))]
-    return scenes.scene_questions(rng)
-
-
-class SceneStream(IterableDataset):
-    """Endless fresh examples; each worker draws from its own seed."""
-
-    def __init__(self, checkpoint: Path, seed: int):
-        self.checkpoint, self.seed = checkpoint, seed
-
-    def __iter__(self):
-        worker = get_worker_info()
-        processor = QwenVLProcessor.from_pretrained(self.checkpoint)
-        rng = random.Random(self.seed * 1_000_003 + (worker.id if worker else 0))
-        while True:
-            yield encode_scene(processor, training_example(rng))
-
-
-def collate(examples: list[dict], pad_id: int) -> dict:
-    """Text right-padded; frames of each kind concatenated (uint8), with their grids."""
-    length = -(-max(len(e["input_ids"]) for e in examples) // 64) * 64  # few distinct shapes
-
-    def padded(key, value):
-        return torch.stack([torch.nn.functional.pad(e[key], (0, length - len(e[key])), value=value)
-                            for e in examples])
-
-    positions = [torch.nn.functional.pad(e["position_ids"], (0, length - len(e["input_ids"]))) for e in examples]
-    batch = {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", -100),
-             "position_ids": torch.stack(positions, dim=1), "branch": padded("branch", -1),
-             "mm_token_type_ids": padded("mm_token_type_ids", 0)}
-    for kind in ("image", "video"):
-        having = [e for e in examples if e["kind"] == kind]
-        if having:
-            batch[f"{kind}_frames"] = torch.cat([e["frames"] for e in having])
-            batch[f"{kind}_grid_thw"] = torch.stack([e["grid"] for e in having])
-            batch[f"{kind}_regions"] = torch.cat([e["regions"] for e in having], dim=1)
-    return batch
-
-
-def gpu_pixels(batch: dict, processor: QwenVLProcessor, tables: dict, device) -> dict:
-    """The model's inputs: uint8 frames -> normalised patches on `device`, equal to what the
-    processor computes on the CPU (tests/test_probe_tools.py checks this). Frames of all samples
-    of a kind are patchified at once: patches are time-major, so this equals concatenating the
-    per-sample results (an image is its frame twice, as the processor pads it)."""
-    inputs = {k: batch[k].to(device, non_blocking=True)
-              for k in ("input_ids", "labels", "mm_token_type_ids", "position_ids")}
-    inputs["attention_mask"] = tree_attention_mask(batch["branch"].to(device, non_blocking=True))
-    for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                       ("video", "pixel_values_videos", "video_grid_thw")):
-        if f"{kind}_frames" not in batch:
-            continue
-        cfg = processor.image_cfg if kind == "image" else processor.video_cfg
-        grids = batch[f"{kind}_grid_thw"]
-        frames = batch[f"{kind}_frames"].to(device, non_blocking=True)
-        per_sample = frames.shape[0] // len(grids)
-        if per_sample % cfg.temporal_patch_size:  # images (and odd videos) repeat their last frame
-            frames = frames.view(len(grids), per_sample, *frames.shape[1:])
-            pad = cfg.temporal_patch_size - per_sample % cfg.temporal_patch_size
-            frames = torch.cat([frames, frames[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1).flatten(0, 1)
-        inputs[pixels_key] = patchify(normalize_frames(frames, tables[kind]), cfg)[0]
-        inputs[grid_key] = grids.to(device)
-    return inputs
+    @torch.no_grad()
+    def accuracies(self, features, regions, hidden, grid) -> dict[str, float]:
+        """Training diagnostics: words read on labelled tokens, rows and columns placed."""
+        word = self.region_logits(features)[2].argmax(-1)
+        labelled = regions[2] > 0
+        rows, columns = self.grid(hidden.float()).split(GRID, dim=-1)
+        visual = grid[0] >= 0
+        return {"words": float((word[labelled] == regions[2][labelled]).float().mean()) if labelled.any() else 0.0,
+                "rows": float((rows.argmax(-1)[visual] == grid[0][visual]).float().mean()),
+                "columns": float((columns.argmax(-1)[visual] == grid[1][visual]).float().mean())}
 
 
 def chunked_vision_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -342,6 +191,7 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=400)
     parser.add_argument("--small", action="store_true", help="a smaller model (CPU smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=100, help="steps between loss lines")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of steps 30-39")
     parser.add_argument("--archive", type=Path, help="also write the checkpoint here as .tar.gz parts of <= 15 MiB")
     args = parser.parse_args()
@@ -371,11 +221,17 @@ def main() -> None:
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=lambda e: collate(e, pad), persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
-    region_head = torch.nn.Linear(config.text_config.hidden_size,
-                                  len(COLOUR_IDS) + len(SHAPE_IDS) + len(WORD_IDS) + 3).to(device)
-    seen: list[torch.Tensor] = []  # the vision tower's outputs of one forward: images, then videos
-    hook = model.model.visual.register_forward_hook(lambda module, args, output: seen.append(output.pooler_output))
-    trained = [*model.parameters(), *region_head.parameters()]
+    heads = AuxiliaryHeads(config.text_config.hidden_size).to(device)
+    # one forward's vision tower outputs (a call for images, then one for videos) and decoder state
+    seen: dict[str, list[torch.Tensor]] = {"visual": [], "hidden": []}
+
+    def keep(key, output):
+        seen[key].append(output.pooler_output if key == "visual" else output[0] if isinstance(output, tuple) else output)
+
+    hooks = [model.model.visual.register_forward_hook(lambda module, args, output: keep("visual", output)),
+             model.model.language_model.layers[GRID_LAYER].register_forward_hook(
+                 lambda module, args, output: keep("hidden", output))]
+    trained = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98),
                                   fused=device.type == "cuda")
     budget_s, warmup = args.minutes * 60, 200
@@ -396,26 +252,34 @@ def main() -> None:
             group["lr"] = args.lr * max(scale, 0.02)
         inputs = gpu_pixels(batch, processor, tables, device)
         regions = torch.cat([batch[k] for k in ("image_regions", "video_regions") if k in batch], dim=1)
-        seen.clear()
+        regions = regions.to(device, non_blocking=True)
+        grid = grid_targets(inputs["position_ids"], inputs["mm_token_type_ids"])
+        seen["visual"].clear(), seen["hidden"].clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**inputs).loss
-            aux = region_loss(region_head, torch.cat(seen), regions.to(device, non_blocking=True))
+            visual, hidden = torch.cat(seen["visual"]), seen["hidden"][0]
+            region_aux = heads.region_loss(visual, regions)
+            grid_aux = heads.grid_loss(hidden, grid)
         optimizer.zero_grad(set_to_none=True)
-        (loss + REGION_LOSS_WEIGHT * aux).backward()
+        (loss + REGION_LOSS_WEIGHT * region_aux + GRID_LOSS_WEIGHT * grid_aux).backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        losses.append(torch.stack([loss.detach(), aux.detach()]))
+        losses.append(torch.stack([loss.detach(), region_aux.detach(), grid_aux.detach()]))
         answers += int((batch["labels"] != -100).sum())
         step += 1
-        if step % 100 == 0:
-            mean, mean_aux = torch.stack(losses).mean(0).tolist()
+        if step % args.log_every == 0:
+            mean, mean_regions, mean_grid = torch.stack(losses).mean(0).tolist()
             losses.clear()
+            read = heads.accuracies(visual, regions, hidden, grid)
             curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(mean, 4),
-                          "region_loss": round(mean_aux, 4)})
-            print(f"step {step:6d} {elapsed:6.0f}s loss {mean:.4f} regions {mean_aux:.4f}  {step / elapsed:5.2f} steps/s  "
-                  f"waiting for data {waited / elapsed:4.0%}", flush=True)
+                          "region_loss": round(mean_regions, 4), "grid_loss": round(mean_grid, 4),
+                          **{f"{k}_accuracy": round(v, 3) for k, v in read.items()}})
+            print(f"step {step:6d} {elapsed:6.0f}s loss {mean:.4f} regions {mean_regions:.4f} grid {mean_grid:.4f} "
+                  f"(words {read['words']:.2f} rows {read['rows']:.2f} columns {read['columns']:.2f})  "
+                  f"{step / elapsed:5.2f} steps/s  waiting for data {waited / elapsed:4.0%}", flush=True)
 
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     model.model.visual.config._attn_implementation = "sdpa"
     model.save_pretrained(args.out, safe_serialization=True)
     result = evaluate(model, processor, device, seed=99, n=args.eval_n)

@@ -13,6 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import probe_data  # noqa: E402
 import scenes  # noqa: E402
 import train_probe  # noqa: E402
 
@@ -34,8 +35,8 @@ def test_only_answer_tokens_are_learned(checkpoint):
     processor = QwenVLProcessor.from_pretrained(checkpoint)
     for index in (0, 6):  # an image and a video question
         sample = scenes.sample_at(3, index)
-        example = train_probe.encode(processor, sample)
-        prompt = train_probe.encode(processor, sample, with_answer=False)
+        example = probe_data.encode(processor, sample)
+        prompt = probe_data.encode(processor, sample, with_answer=False)
         n_prompt = prompt["input_ids"].shape[1]
         assert torch.equal(example["input_ids"][:, :n_prompt], prompt["input_ids"])  # inference sees this prompt
         learned = example["labels"][example["labels"] != -100]
@@ -52,14 +53,14 @@ def test_training_examples_equal_what_inference_sees(checkpoint):
     tables = {kind: torch.from_numpy(normalization_table(cfg))
               for kind, cfg in (("image", processor.image_cfg), ("video", processor.video_cfg))}
     samples = [scenes.sample_at(4, i) for i in (0, 1, 6, 7)]  # two images (448-672 px), two videos
-    reference = [train_probe.encode(processor, s) for s in samples]
-    examples = [train_probe.encode_scene(processor, [s]) for s in samples]
+    reference = [probe_data.encode(processor, s) for s in samples]
+    examples = [probe_data.encode_scene(processor, [s]) for s in samples]
     for ref, example in zip(reference, examples):
         assert torch.equal(example["input_ids"], ref["input_ids"][0])
         assert torch.equal(example["labels"], ref["labels"][0])
         assert torch.equal(example["mm_token_type_ids"], ref["mm_token_type_ids"][0])
-    batch = train_probe.collate(examples, pad_id=0)
-    inputs = train_probe.gpu_pixels(batch, processor, tables, torch.device("cpu"))
+    batch = probe_data.collate(examples, pad_id=0)
+    inputs = probe_data.gpu_pixels(batch, processor, tables, torch.device("cpu"))
     assert torch.equal(inputs["pixel_values"], torch.cat([r["pixel_values"] for r in reference[:2]]))
     assert torch.equal(inputs["image_grid_thw"], torch.cat([r["image_grid_thw"] for r in reference[:2]]))
     assert torch.equal(inputs["pixel_values_videos"], torch.cat([r["pixel_values_videos"] for r in reference[2:]]))
@@ -71,6 +72,16 @@ def test_training_examples_equal_what_inference_sees(checkpoint):
         batch["input_ids"], image_grid_thw=inputs["image_grid_thw"], video_grid_thw=inputs["video_grid_thw"],
         attention_mask=(batch["branch"] >= 0).long(), mm_token_type_ids=batch["mm_token_type_ids"])
     assert torch.equal(batch["position_ids"], positions)
+
+    grid = probe_data.grid_targets(batch["position_ids"], batch["mm_token_type_ids"])
+    for row, example in enumerate(examples):  # visual tokens run time-major, then row, then column
+        groups, height, width = (int(n) for n in example["grid"])
+        height, width = height // 2, width // 2
+        visual = batch["mm_token_type_ids"][row] != 0
+        index = torch.arange(groups * height * width)
+        assert torch.equal(grid[0, row, visual], index % (height * width) // width)
+        assert torch.equal(grid[1, row, visual], index % width)
+        assert (grid[:, row, ~visual] == -100).all()
 
 
 @pytest.mark.slow
@@ -87,15 +98,15 @@ def test_a_scene_trains_exactly_as_its_single_questions(checkpoint):
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
     questions = scenes.scene_questions(random.Random(7))
     assert len(questions) >= 6 and len({id(q.frames) for q in questions}) == 1  # one render
-    scene = train_probe.encode_scene(processor, questions)
-    batch = train_probe.collate([scene], pad_id=0)
-    inputs = train_probe.gpu_pixels(batch, processor, {"image": _table(processor.image_cfg)}, torch.device("cpu"))
+    scene = probe_data.encode_scene(processor, questions)
+    batch = probe_data.collate([scene], pad_id=0)
+    inputs = probe_data.gpu_pixels(batch, processor, {"image": _table(processor.image_cfg)}, torch.device("cpu"))
     with torch.no_grad():
         tree_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[0]
     branch, prefix = scene["branch"], int((scene["branch"] == 0).sum())
     assert torch.equal(branch[:prefix], torch.zeros(prefix, dtype=branch.dtype))
     for number, question in enumerate(questions, start=1):
-        lone = train_probe.encode(processor, question)
+        lone = probe_data.encode(processor, question)
         mine = torch.cat([torch.arange(prefix), (branch == number).nonzero()[:, 0]])
         assert torch.equal(scene["input_ids"][mine], lone["input_ids"][0])
         assert torch.equal(scene["labels"][mine], lone["labels"][0])
@@ -122,7 +133,7 @@ def test_chunked_vision_attention_matches_transformers(checkpoint):
     AttentionInterface.register(train_probe.VISION_ATTENTION, train_probe.chunked_vision_attention)
     processor = QwenVLProcessor.from_pretrained(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    encoded = [train_probe.encode(processor, scenes.sample_at(5, i)) for i in (0, 2, 6)]  # 2 images, a video
+    encoded = [probe_data.encode(processor, scenes.sample_at(5, i)) for i in (0, 2, 6)]  # 2 images, a video
     pixels = torch.cat([e.get("pixel_values", e.get("pixel_values_videos")) for e in encoded])
     grids = torch.cat([e.get("image_grid_thw", e.get("video_grid_thw")) for e in encoded])
     visual = model.model.visual
@@ -168,10 +179,10 @@ def test_region_targets_name_what_is_drawn_under_each_token():
     import numpy as np
 
     sample = scenes.sample_at(9, 5)  # a read question: one labelled object
-    targets = train_probe.region_targets(sample, 1, 16, 16)
+    targets = probe_data.region_targets(sample, 1, 16, 16)
     image, size = np.asarray(sample.frames[0]), sample.frames[0].width
     centres = ((np.arange(16) + 0.5) * size / 16).astype(int)
-    colours = {train_probe.COLOUR_IDS[name]: rgb for name, rgb in scenes.COLOURS.items()}
+    colours = {probe_data.COLOUR_IDS[name]: rgb for name, rgb in scenes.COLOURS.items()}
     ink = {(0, 0, 0), (255, 255, 255)}
     labelled = 0
     for token, (colour, shape, word) in enumerate(targets.T.tolist()):
@@ -183,5 +194,5 @@ def test_region_targets_name_what_is_drawn_under_each_token():
             assert shape == word == 0 and pixel not in colours.values() and pixel not in ink
     assert labelled >= 4 and (targets[2] > 0).any()
     video = scenes.sample_at(9, 6)  # motion: the mover's tokens shift between frame groups
-    groups = train_probe.region_targets(video, 4, 16, 16)[0].view(4, 256)
+    groups = probe_data.region_targets(video, 4, 16, 16)[0].view(4, 256)
     assert groups.shape == (4, 256) and not torch.equal(groups[0], groups[3])
