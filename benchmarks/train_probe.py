@@ -42,11 +42,13 @@ from sparsevlm.tiny import build_tokenizer, vision_token_ids, write_preprocessor
 PIXELS = 448 * 448  # every scene is resized to 448x448: 256 visual tokens per image / frame pair
 GRID = 16  # merged tokens per side at 448x448
 # head_dim 32 gives 16 rotary frequencies, theta^(-i/16); Qwen2-VL hands the first to time, then
-# rows, then columns (the slowest). At the usual theta of 10000 columns turned <= 0.003 rad apart,
-# and at 100 (the first probe) 0.013-0.056: left/right stayed near chance while above/below, on
-# faster frequencies, did better. theta 30 with sections (2, 7, 7): rows 0.65-0.18, columns 0.15-0.04.
-ROPE_THETA = 30.0
-MROPE_SECTION = (2, 7, 7)
+# rows, then columns (the slowest). At the usual theta of 10000 columns turn <= 0.003 rad apart:
+# no left and right. At 100 they turn 0.013-0.056, and the slowest frequencies still leave the
+# answer's attention to visual tokens 20-50 positions back nearly position-free (content lookup).
+# A trial at theta 30 (columns 0.04-0.15) lost that: exists, count and position all got worse.
+# Left/right is taught by the grid target below instead.
+ROPE_THETA = 100.0
+MROPE_SECTION = (4, 6, 6)
 VISION_ATTENTION = "probe_chunked_flash"  # "flash" in the name: transformers then passes cu_seqlens
 # Auxiliary targets, weighted against the answer loss. Regions: what lies under each visual token
 # (colour, shape, word). Selecting "the triangle" among 256 tokens by attention learns slowly while
