@@ -23,7 +23,7 @@ from sparsevlm.preprocess import (
 
 TRAIN_SEED_BASE = 1_000_000  # training scenes use seeds from here on; tests and benchmarks use small seeds
 PROMPT_SUFFIX = " Answer with one or two words."
-VIDEO_SHARE = 0.3  # of training examples; an image example carries ~11 questions, a video one
+VIDEO_SHARE = 0.3  # of training examples; an image example carries ~9 questions, a video one
 COLOUR_IDS = {name: i + 1 for i, name in enumerate(scenes.COLOURS)}
 SHAPE_IDS = {name: i + 1 for i, name in enumerate(scenes.SHAPES)}
 WORD_IDS = {name: i + 1 for i, name in enumerate(scenes.WORDS)}
@@ -217,13 +217,3 @@ def gpu_pixels(batch: dict, processor: QwenVLProcessor, tables: dict, device) ->
     return inputs
 
 
-
-def grid_targets(position_ids: torch.Tensor, token_types: torch.Tensor) -> torch.Tensor:
-    """(2, B, L) row and column of each visual token in its (merged) grid, -100 elsewhere, from
-    the M-RoPE positions (3, B, L): a sequence's one visual block starts its rows and columns at
-    the same offset. The decoder's auxiliary target: RoPE alone leaves a token's absolute place
-    out of what attention moves, so "left of" could only be read off attention weights."""
-    visual = token_types != 0
-    spatial = position_ids[1:]
-    offset = torch.where(visual, spatial[0], torch.iinfo(spatial.dtype).max).amin(dim=1, keepdim=True)
-    return torch.where(visual, spatial - offset, -100)
