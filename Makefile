@@ -1,5 +1,5 @@
-# Two entry points (see README): `make demo` (the video-captioning job on the shipped sample
-# data and the embedded model, offline, local Ray) and `make test`. Both create .venv on first use.
+# Two entry points (see README): `make demo` (the video job on the shipped sample scenes and the
+# embedded probe, offline, local Ray: dense, then with SparseVLM) and `make test`. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	$(PY) jobs/caption_videos.py --method none
 	$(PY) jobs/caption_videos.py
 
 test: $(VENV)/.installed

@@ -111,22 +111,27 @@ def tree_attention_mask(branch: torch.Tensor) -> torch.Tensor:
     return (causal & ((key == 0) | ((key == query) & (key > 0))))[:, None]
 
 
-def region_targets(sample: scenes.Sample, groups: int, rows: int, columns: int) -> torch.Tensor:
-    """(3, groups*rows*columns) class ids of the object under each visual token's centre, in
-    token order: colour (0 = background, then COLOURS), shape (0, then SHAPES), word (0 = none,
-    then WORDS). A video's frame group is labelled by its later frame."""
+def objects_under_tokens(sample: scenes.Sample, groups: int, rows: int, columns: int) -> np.ndarray:
+    """(groups*rows*columns,) in token order: 0 where a visual token's centre shows background,
+    i + 1 where it shows sample.things[i]. A video's frame group is read at its later frame."""
     size = sample.frames[0].width
     centres_y = ((np.arange(rows) + 0.5) * size / rows).astype(int)
     centres_x = ((np.arange(columns) + 0.5) * size / columns).astype(int)
+    per_group = []
+    for group in range(groups):
+        frame = min(2 * group + 1, len(sample.frames) - 1)
+        per_group.append(np.asarray(scenes.object_map(sample.things, size, frame))[centres_y][:, centres_x].reshape(-1))
+    return np.concatenate(per_group).astype(np.int64)
+
+
+def region_targets(sample: scenes.Sample, groups: int, rows: int, columns: int) -> torch.Tensor:
+    """(3, groups*rows*columns) class ids of the object under each visual token's centre, in
+    token order: colour (0 = background, then COLOURS), shape (0, then SHAPES), word (0 = none,
+    then WORDS)."""
     lookup = np.zeros((3, len(sample.things) + 1), dtype=np.int64)
     for index, thing in enumerate(sample.things, start=1):
         lookup[:, index] = (COLOUR_IDS[thing.colour], SHAPE_IDS[thing.shape], WORD_IDS.get(thing.word, 0))
-    targets = []
-    for group in range(groups):
-        frame = min(2 * group + 1, len(sample.frames) - 1)
-        covering = np.asarray(scenes.object_map(sample.things, size, frame))[centres_y][:, centres_x]
-        targets.append(lookup[:, covering.reshape(-1)])
-    return torch.from_numpy(np.concatenate(targets, axis=1))
+    return torch.from_numpy(lookup[:, objects_under_tokens(sample, groups, rows, columns)])
 
 
 

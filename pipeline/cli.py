@@ -18,7 +18,8 @@ FLAGS = [  # (flag, config field, type, help)
     ("--media-column", "input.media_column", str, "column with the media (default: image or video)"),
     ("--limit", "input.limit", int, "only the first N input rows"),
     ("--output", "output.uri", str, "output folder, local or URI (default: runs/<kind>-<time>)"),
-    ("--model", "model.path", str, "model path or hub id (default: the embedded offline tiny model)"),
+    ("--model", "model.path", str, "model path or hub id (default: embedded:scene-probe, the probe trained here; "
+                                   "embedded:tiny-qwen2_5_vl: random weights)"),
     ("--dtype", "model.dtype", str, "bfloat16 (default), float16 or float32 on GPU; CPU always uses float32"),
     ("--method", "sparsity.method", str, "none, sparsevlm (default), sparsevlm_v2, fastv or random"),
     ("--task", "generation.task", str, "caption or vqa"),
@@ -73,15 +74,15 @@ def main(kind: str, description: str, base: dict, argv: list[str] | None = None)
         print(f"error: {error}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - started
-    summarise(plan, elapsed)
+    summarise(plan, elapsed, config.input.id_column)
     return 0
 
 
-def summarise(plan, elapsed: float) -> None:
+def summarise(plan, elapsed: float, id_column: str = "id") -> None:
     import pyarrow.dataset as pads
 
     table = pads.dataset(plan.output_uri, format="parquet").to_table(
-        columns=["id", "error", "n_visual_tokens", "n_visual_tokens_kept", "equiv_visual_tokens"])
+        columns=["id", "output", "error", "n_visual_tokens", "n_visual_tokens_kept", "equiv_visual_tokens"])
     errors = table.filter(pc.is_valid(table.column("error")))
     ok = table.filter(pc.is_null(table.column("error")))
     new_rows = len(table) - plan.n_done
@@ -94,5 +95,27 @@ def summarise(plan, elapsed: float) -> None:
         equiv = pc.mean(ok.column("equiv_visual_tokens")).as_py() or 0
         print(f"visual tokens kept: {kept} of {visual} ({kept / max(visual, 1):.1%}); "
               f"layer-averaged {equiv:.1f} per sample")
+        compare_with_references(plan.input_uri, id_column, ok)
     for row in errors.slice(0, 5).to_pylist():
         print(f"  error {row['id']!r}: {row['error']}")
+
+
+def compare_with_references(input_uri: str, id_column: str, ok, column: str = "answer", shown: int = 5) -> None:
+    """Where the input has reference answers (the shipped scene samples do): exact match after
+    normalisation, and the first few answers beside their references."""
+    import pyarrow.dataset as pads
+
+    from pipeline.cost.metrics import normalize_answer
+
+    dataset = pads.dataset(input_uri, format="parquet")
+    if column not in dataset.schema.names:
+        return
+    references = dict(zip(*dataset.to_table(columns=[id_column, column]).to_pydict().values()))
+    rows = sorted((row for row in ok.select(["id", "output"]).to_pylist() if row["id"] in references),
+                  key=lambda row: str(row["id"]))
+    if not rows:
+        return
+    right = [normalize_answer(row["output"] or "") == normalize_answer(references[row["id"]] or "") for row in rows]
+    print(f"answers matching the input's {column!r} column: {sum(right)} of {len(rows)}")
+    for row, correct in list(zip(rows, right))[:shown]:
+        print(f"  {row['id']}: {row['output']!r} ({'right' if correct else 'reference: ' + repr(references[row['id']])})")

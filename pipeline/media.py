@@ -82,14 +82,15 @@ class Frames:
 def sample_indices(num_frames_in_video: int, average_fps: float, num_frames: int, fps: float | None,
                    max_frames: int) -> np.ndarray:
     """Uniform `num_frames` over the video, or one frame every 1/fps seconds; at most
-    `max_frames`; an even count (Qwen-VL groups frames in pairs)."""
+    `max_frames` and never a frame twice (a repeat costs visual tokens and shows nothing new);
+    an even count (Qwen-VL groups frames in pairs)."""
     if fps is not None:
         step = max(average_fps / fps, 1.0)
         indices = np.arange(0, num_frames_in_video, step)
         if len(indices) > max_frames:
             indices = np.linspace(0, num_frames_in_video - 1, max_frames)
     else:
-        indices = np.linspace(0, num_frames_in_video - 1, min(num_frames, max_frames))
+        indices = np.linspace(0, num_frames_in_video - 1, min(num_frames, max_frames, num_frames_in_video))
     count = max(2, len(indices) - len(indices) % 2)
     if count != len(indices):
         indices = np.linspace(0, num_frames_in_video - 1, count)

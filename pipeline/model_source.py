@@ -1,4 +1,10 @@
-"""Where a job's model comes from: a path / hub id, or the embedded offline default."""
+"""Where a job's model comes from: a path / hub id, or one of the embedded offline models.
+
+The default, `embedded:scene-probe`, is the probe VLM trained here on procedural scenes
+(jobs/models/scene-probe, committed): it answers questions about the shipped scene samples.
+`embedded:tiny-qwen2_5_vl` is a random-weight Qwen2.5-VL of the real architecture, built on
+first use; tests use it where only the plumbing matters.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,17 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL = "embedded:tiny-qwen2_5_vl"
+EMBEDDED_MODEL = "embedded:scene-probe"
+TINY_MODEL = "embedded:tiny-qwen2_5_vl"
+EMBEDDED_NAMES = {EMBEDDED_MODEL: "embedded scene-probe (trained here on procedural scenes)",
+                  TINY_MODEL: "embedded tiny-qwen2_5_vl (random weights)"}
 
 
 def resolve_model(path: str | None) -> str:
-    """A loadable path: the given one, or the embedded offline model, built once per machine."""
-    if path and path != EMBEDDED_MODEL:
+    """A loadable path: the given one, or an embedded offline model (the tiny one built once per machine)."""
+    if not path or path == EMBEDDED_MODEL:
+        return str(REPO / "jobs" / "models" / "scene-probe")
+    if path != TINY_MODEL:
         return path
     from sparsevlm.tiny import build_tiny_checkpoint
 

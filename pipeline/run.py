@@ -26,12 +26,13 @@ from pyarrow import fs
 from schemas import JobConfig
 from schemas.rows import empty_row, output_schema
 
-from .model_source import EMBEDDED_MODEL, REPO
+from .model_source import EMBEDDED_MODEL, EMBEDDED_NAMES, REPO
 
 logger = logging.getLogger(__name__)
 PREPROCESS_BATCH = 4  # rows per CPU-actor call: small, so decoding streams into engine batches
-SAMPLE_DATA = {"image": REPO / "jobs" / "sample_data" / "images.parquet",
-               "video": REPO / "jobs" / "sample_data" / "videos.parquet"}
+# the default inputs: procedural scenes with questions (and reference answers) the default model knows
+SAMPLE_DATA = {"image": REPO / "jobs" / "sample_data" / "scenes_images.parquet",
+               "video": REPO / "jobs" / "sample_data" / "scenes_videos.parquet"}
 
 
 def _filesystem(uri: str) -> tuple[fs.FileSystem, str]:
@@ -165,7 +166,7 @@ def run_job(config: JobConfig, kind: str) -> Plan:
     resources = ray.cluster_resources()
     sizes = actor_sizes(config, plan.n_input - plan.n_done, int(resources.get("GPU", 0)),
                         int(resources.get("CPU", 1)))
-    model_name = "embedded tiny-qwen2_5_vl (random weights)" if plan.model_path == EMBEDDED_MODEL else plan.model_path
+    model_name = EMBEDDED_NAMES.get(plan.model_path, plan.model_path)
     # Blocks of one engine batch: rows stream through both stages and each written file is one
     # batch, so a killed run loses at most the batches in flight.
     dataset = (dataset.map_batches(not_skipped, batch_format="pyarrow")

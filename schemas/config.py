@@ -67,7 +67,8 @@ class GenerationConfig(_Section):
 
 
 class MediaConfig(_Section):
-    num_frames: int = Field(16, ge=2, description="frames sampled uniformly from each video (even: frames pair up)")
+    num_frames: int = Field(16, ge=2, description="frames sampled uniformly from each video, at most all "
+                                                 "of its frames (even: frames pair up)")
     fps: float | None = Field(None, gt=0, description="sample at this rate instead of a fixed count")
     max_frames: int = Field(64, ge=2)
     min_pixels: int | None = Field(None, ge=28 * 28, description="per image or frame (default: the model's)")

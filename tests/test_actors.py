@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.model_source import TINY_MODEL
 from pipeline.predict import Predictor
 from pipeline.preprocess import Preprocessor
 from pipeline.run import actor_sizes
@@ -35,8 +36,8 @@ def test_autoscaling_clusters_get_gpus_and_the_configured_cpu_actors():
 def test_warmup_runs_the_first_batch_twice_and_times_the_second():
     job = JobConfig.load(overrides={"generation.max_new_tokens": 2, "resources.warmup": True}).model_dump()
     photos = pq.read_table(SAMPLES / "images.parquet").slice(0, 2)
-    stage = Preprocessor("embedded:tiny-qwen2_5_vl", "image", job)(photos)
-    predictor = Predictor("embedded:tiny-qwen2_5_vl", "tiny", job)
+    stage = Preprocessor(TINY_MODEL, "image", job)(photos)
+    predictor = Predictor(TINY_MODEL, "tiny", job)
     calls = []
     generate = predictor.engine.generate
     predictor.engine.generate = lambda samples, params: calls.append(len(samples)) or generate(samples, params)

@@ -97,7 +97,8 @@ def test_sample_indices_are_even_and_bounded():
         for num, fps in ((5, None), (16, None), (4, 1.0), (4, 30.0)):
             idx = sample_indices(total, 10.0, num, fps, max_frames=12)
             assert len(idx) % 2 == 0 and 2 <= len(idx) <= 12
-            assert idx.min() >= 0 and idx.max() <= total - 1 and np.all(np.diff(idx) >= 0)
+            assert idx.min() >= 0 and idx.max() <= total - 1 and np.all(np.diff(idx) > 0)  # no frame twice
+    assert sample_indices(8, 4.0, 16, None, max_frames=64).tolist() == list(range(8))  # all of a short video
 
 
 @pytest.mark.parametrize("case", ["zero-bytes", "corrupt", "truncated", "one-frame"])

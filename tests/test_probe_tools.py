@@ -187,3 +187,27 @@ def test_region_targets_name_what_is_drawn_under_each_token():
     video = scenes.sample_at(9, 6)  # motion: the mover's tokens shift between frame groups
     groups = probe_data.region_targets(video, 4, 16, 16)[0].view(4, 256)
     assert groups.shape == (4, 256) and not torch.equal(groups[0], groups[3])
+
+
+def test_coverage_finds_the_objects_a_question_names():
+    import coverage
+
+    for index in range(32):
+        sample = scenes.sample_at(13, index)
+        asked = [sample.things[i - 1] for i in coverage.asked_objects(sample)]
+        if sample.qtype == "exists" and sample.answer == "no" or sample.qtype == "count" and sample.answer == "zero":
+            assert not asked
+        elif sample.qtype in ("count",):
+            assert len(asked) == scenes.NUMBERS.index(sample.answer)
+        elif sample.qtype == "order":
+            assert sorted(t.name for t in asked) == sorted(sample.question[:-1].split("first, the ")[1].split(" or the "))
+        elif sample.qtype == "position":
+            assert len(asked) == 2 and all(f"the {t.name}" in sample.question for t in asked)
+        else:
+            assert len(asked) == 1, (sample.question, [t.name for t in sample.things])
+            thing = asked[0]
+            expected = {"colour": thing.colour, "shape": thing.shape, "read": thing.word, "exists": "yes"}
+            if sample.qtype in expected:
+                assert sample.answer == expected[sample.qtype]
+            if sample.qtype == "motion":
+                assert thing.velocity != (0.0, 0.0)

@@ -12,6 +12,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.run import SAMPLE_DATA
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
@@ -36,7 +38,7 @@ def test_ray_job_submit_caption_videos(tmp_path):
         assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
         assert "succeeded" in result.stdout
         table = pads.dataset(str(out), format="parquet").to_table()
-        expected = pq.read_table(REPO / "jobs" / "sample_data" / "videos.parquet").column("id").to_pylist()
+        expected = pq.read_table(SAMPLE_DATA["video"]).column("id").to_pylist()
         assert sorted(table.column("id").to_pylist()) == sorted(expected)
         assert table.column("error").null_count == len(table)
     finally:
