@@ -29,8 +29,13 @@ from pipeline.cost.configs import DEFAULT_CONFIGS, overrides_for  # noqa: E402
 from pipeline.cost.render import to_html, to_markdown  # noqa: E402
 from pipeline.cost.report import Context, Run, blocks, compute, summary_table  # noqa: E402
 from pipeline.cost.runs import run_configurations  # noqa: E402
-from pipeline.model_source import EMBEDDED_MODEL  # noqa: E402
-from pipeline.run import SAMPLE_DATA  # noqa: E402
+from pipeline.model_source import REPO, TINY_MODEL  # noqa: E402
+
+# The report's offline default: the photo samples and the random-weight tiny model, seven Ray runs
+# in ~2 minutes on 2 CPU cores. On the scene samples and the probe the same report took 690 s there
+# (not yet profiled); give --input jobs/sample_data/scenes_images.parquet --model embedded:scene-probe.
+PHOTO_SAMPLES = {"image": REPO / "jobs" / "sample_data" / "images.parquet",
+                 "video": REPO / "jobs" / "sample_data" / "videos.parquet"}
 from schemas import ConfigError, JobConfig  # noqa: E402
 
 # Assumed on-demand price of one data-centre GPU hour; pass your own with --gpu-hour-usd.
@@ -90,23 +95,25 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output or Path("reports") / f"cost-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         common = common_overrides(args, task)
-        job = JobConfig.load(args.config, common, base={"generation": {"task": task}})
+        base = {"generation": {"task": task}, "input": {"uri": str(PHOTO_SAMPLES[args.kind])},
+                "model": {"path": TINY_MODEL}}
+        job = JobConfig.load(args.config, common, base=base)
         names = [n.strip() for n in args.configs.split(",") if n.strip()]
         for name in names:
             overrides_for(name, args.lowres_max_pixels)  # a typo fails before anything runs
         if args.from_runs:
             runs = [Run.read(Path(d).name, d) for d in args.from_runs]
         else:
-            runs = run_configurations(names, args.kind, common, args.config, {"generation": {"task": task}},
+            runs = run_configurations(names, args.kind, common, args.config, base,
                                       output / "runs", args.lowres_max_pixels)
-        input_uri = job.input.uri or str(SAMPLE_DATA[args.kind])
+        input_uri = job.input.uri
         media_column = job.input.media_column or args.kind
         # finished runs of unknown inputs: no gallery or references unless --input says where they are
         knows_inputs = not args.from_runs or job.input.uri is not None
         context = Context(
             command=shlex.join(["python", "jobs/cost_report.py", *(sys.argv[1:] if argv is None else argv)]),
             dataset=args.input or f"shipped sample {args.kind}s", kind=args.kind,
-            model_path=job.model.path or EMBEDDED_MODEL, gpu_hour_usd=args.gpu_hour_usd,
+            model_path=job.model.path, gpu_hour_usd=args.gpu_hour_usd,
             baseline=args.baseline, media=job.media.model_dump(),
             references=references(input_uri, job.input.id_column, args.reference_column) if knows_inputs else None,
             gallery_source=(input_uri, job.input.id_column, media_column) if knows_inputs else None,
