@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output or Path("reports") / f"cost-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         common = common_overrides(args, task)
-        base = {"generation": {"task": task}, "input": {"uri": str(PHOTO_SAMPLES[args.kind])},
-                "model": {"path": TINY_MODEL}}
+        base = {"generation": {"task": task}, "model": {"path": TINY_MODEL}}
+        if not args.from_runs:  # finished runs come from inputs only --input or --config names
+            base["input"] = {"uri": str(PHOTO_SAMPLES[args.kind])}
         job = JobConfig.load(args.config, common, base=base)
         names = [n.strip() for n in args.configs.split(",") if n.strip()]
         for name in names:
