@@ -57,12 +57,14 @@ def measure(engine: VLMEngine, samples: list[scenes.Sample], sparsity: SparsityC
         encoded = [encode(processor, s, with_answer=False) for s in chunk]
         results = engine.generate(encoded, SamplingParams(max_new_tokens=6), sparsity=sparsity)
         for sample, inputs, result in zip(chunk, encoded, results):
-            grid = (inputs.get("image_grid_thw", inputs.get("video_grid_thw"))[0]).tolist()
-            under = objects_under_tokens(sample, grid[0], grid[1] // 2, grid[2] // 2)
+            groups, height, width = inputs.get("image_grid_thw", inputs.get("video_grid_thw"))[0].tolist()
+            merge = processor.image_cfg.merge_size
+            under = objects_under_tokens(sample, groups, height // merge, width // merge)
             relevant = np.isin(under, list(asked_objects(sample)))
             kept = np.zeros(len(under), dtype=bool)
             kept[result.stats.kept_visual_positions] = True
-            rows.append({"qtype": sample.qtype, "right": normalize_answer(result.text) == normalize_answer(sample.answer),
+            right = normalize_answer(result.text) == normalize_answer(sample.answer)
+            rows.append({"qtype": sample.qtype, "right": right,
                          "object_tokens": int(relevant.sum()), "object_kept": int((relevant & kept).sum()),
                          "share_kept": float(kept.mean())})
     by_type = {}

@@ -22,7 +22,6 @@ from sparsevlm.preprocess import (
     smart_resize)
 
 TRAIN_SEED_BASE = 1_000_000  # training scenes use seeds from here on; tests and benchmarks use small seeds
-PROMPT_SUFFIX = " Answer with one or two words."
 VIDEO_SHARE = 0.3  # of training examples; an image example carries ~9 questions, a video one
 COLOUR_IDS = {name: i + 1 for i, name in enumerate(scenes.COLOURS)}
 SHAPE_IDS = {name: i + 1 for i, name in enumerate(scenes.SHAPES)}
@@ -31,7 +30,7 @@ WORD_IDS = {name: i + 1 for i, name in enumerate(scenes.WORDS)}
 
 def encode(processor: QwenVLProcessor, sample: scenes.Sample, with_answer: bool = True) -> dict:
     """One training (or inference, without the answer) example, exactly as the jobs build prompts."""
-    content = [{"type": sample.kind}, {"type": "text", "text": sample.question + PROMPT_SUFFIX}]
+    content = [{"type": sample.kind}, {"type": "text", "text": sample.question + scenes.PROMPT_SUFFIX}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}])
     media = {"images": [sample.media]} if sample.kind == "image" else {"videos": [sample.media]}
     encoded = processor(text=[prompt], **media)
@@ -68,7 +67,7 @@ def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> di
     prefix_text, prefix = None, []
     ids, labels, branch, positions = [], [], [], []
     for number, sample in enumerate(samples, start=1):
-        content = [{"type": first.kind}, {"type": "text", "text": sample.question + PROMPT_SUFFIX}]
+        content = [{"type": first.kind}, {"type": "text", "text": sample.question + scenes.PROMPT_SUFFIX}]
         prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         cut = prompt.index("<|vision_end|>") + len("<|vision_end|>")
         if prefix_text is None:

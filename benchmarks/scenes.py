@@ -43,6 +43,7 @@ DIRECTIONS = ("left", "right", "up", "down")
 IMAGE_TYPES = ("colour", "shape", "exists", "position", "count", "read")
 VIDEO_TYPES = ("motion", "order")
 VIDEO_SIZE, VIDEO_FRAMES = 448, 8
+PROMPT_SUFFIX = " Answer with one or two words."  # after every question, in training and in use
 FONT_SIZE = 22  # px at 448 (scaled with the image)
 
 
@@ -303,7 +304,7 @@ def corpus() -> list[str]:
     lines += [f"What word is on the {a}? {' '.join(WORDS)}" for a in names]
     lines += [f"Which way does the {a} move? {' '.join(DIRECTIONS)} Which appears first, the {a} or the {b}?"
               for a in names[:8] for b in names[8:16]]
-    lines += [" ".join(NUMBERS), "Answer with one or two words."]
+    lines += [" ".join(NUMBERS), PROMPT_SUFFIX.strip()]
     return lines
 
 
@@ -317,7 +318,7 @@ def write_parquet(path: Path, seed: int, n: int, kind: str) -> None:
     for i, sample in enumerate(generate(seed, n, qtypes)):
         rows["id"].append(f"scene-{seed}-{i:05d}")
         rows[kind].append(_png(sample.frames[0]) if kind == "image" else _mp4(sample.frames))
-        rows["prompt"].append(sample.question + " Answer with one or two words.")
+        rows["prompt"].append(sample.question + PROMPT_SUFFIX)
         rows["answer"].append(sample.answer)
         rows["type"].append(sample.qtype)
     pq.write_table(pa.table(rows), path)

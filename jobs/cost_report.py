@@ -30,13 +30,13 @@ from pipeline.cost.render import to_html, to_markdown  # noqa: E402
 from pipeline.cost.report import Context, Run, blocks, compute, summary_table  # noqa: E402
 from pipeline.cost.runs import run_configurations  # noqa: E402
 from pipeline.model_source import REPO, TINY_MODEL  # noqa: E402
+from schemas import ConfigError, JobConfig  # noqa: E402
 
 # The report's offline default: the photo samples and the random-weight tiny model, seven Ray runs
 # in ~2 minutes on 2 CPU cores. On the scene samples and the probe the same report took 690 s there
 # (not yet profiled); give --input jobs/sample_data/scenes_images.parquet --model embedded:scene-probe.
 PHOTO_SAMPLES = {"image": REPO / "jobs" / "sample_data" / "images.parquet",
                  "video": REPO / "jobs" / "sample_data" / "videos.parquet"}
-from schemas import ConfigError, JobConfig  # noqa: E402
 
 # Assumed on-demand price of one data-centre GPU hour; pass your own with --gpu-hour-usd.
 DEFAULT_GPU_HOUR_USD = 2.50

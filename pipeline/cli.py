@@ -118,4 +118,5 @@ def compare_with_references(input_uri: str, id_column: str, ok, column: str = "a
     right = [normalize_answer(row["output"] or "") == normalize_answer(references[row["id"]] or "") for row in rows]
     print(f"answers matching the input's {column!r} column: {sum(right)} of {len(rows)}")
     for row, correct in list(zip(rows, right))[:shown]:
-        print(f"  {row['id']}: {row['output']!r} ({'right' if correct else 'reference: ' + repr(references[row['id']])})")
+        verdict = "right" if correct else f"reference: {references[row['id']]!r}"
+        print(f"  {row['id']}: {row['output']!r} ({verdict})")

@@ -156,7 +156,8 @@ def test_kill_midway_then_rerun_writes_every_id_once(tmp_path):
     written = done_ids(str(out))  # readable files only: the kill may have cut one short
     first = 0 if written is None else len(written)
     assert 0 < first < len(ids), "kill the job midway: some rows written, not all"
-    assert run("image", "--input", str(source), "--output", str(out), "--max-new-tokens", "48", "--model", TINY_MODEL) == 0
+    assert run("image", "--input", str(source), "--output", str(out), "--max-new-tokens", "48",
+               "--model", TINY_MODEL) == 0
     assert_exactly_once(read_output(out), ids)
 
 

@@ -197,10 +197,11 @@ def test_coverage_finds_the_objects_a_question_names():
         asked = [sample.things[i - 1] for i in coverage.asked_objects(sample)]
         if sample.qtype == "exists" and sample.answer == "no" or sample.qtype == "count" and sample.answer == "zero":
             assert not asked
-        elif sample.qtype in ("count",):
+        elif sample.qtype == "count":
             assert len(asked) == scenes.NUMBERS.index(sample.answer)
         elif sample.qtype == "order":
-            assert sorted(t.name for t in asked) == sorted(sample.question[:-1].split("first, the ")[1].split(" or the "))
+            named = sample.question[:-1].split("first, the ")[1].split(" or the ")
+            assert sorted(t.name for t in asked) == sorted(named)
         elif sample.qtype == "position":
             assert len(asked) == 2 and all(f"the {t.name}" in sample.question for t in asked)
         else:
