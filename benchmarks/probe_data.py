@@ -22,9 +22,9 @@ from sparsevlm.preprocess import (
     smart_resize)
 
 TRAIN_SEED_BASE = 1_000_000  # training scenes use seeds from here on; tests and benchmarks use small seeds
-VIDEO_SHARE = 0.3  # of training examples; an image example carries ~9 questions, a video one
+VIDEO_SHARE = 0.3  # of training examples; an image example carries ~10 questions, a video one
 COLOUR_IDS = {name: i + 1 for i, name in enumerate(scenes.COLOURS)}
-SHAPE_IDS = {name: i + 1 for i, name in enumerate(scenes.SHAPES)}
+SHAPE_IDS = {name: i + 1 for i, name in enumerate(scenes.SHAPES + (scenes.SIGN,))}
 WORD_IDS = {name: i + 1 for i, name in enumerate(scenes.WORDS)}
 
 
@@ -125,8 +125,8 @@ def objects_under_tokens(sample: scenes.Sample, groups: int, rows: int, columns:
 
 def region_targets(sample: scenes.Sample, groups: int, rows: int, columns: int) -> torch.Tensor:
     """(3, groups*rows*columns) class ids of the object under each visual token's centre, in
-    token order: colour (0 = background, then COLOURS), shape (0, then SHAPES), word (0 = none,
-    then WORDS)."""
+    token order: colour (0 = background, then COLOURS), shape (0, then SHAPES and SIGN), word
+    (0 = none, then WORDS)."""
     lookup = np.zeros((3, len(sample.things) + 1), dtype=np.int64)
     for index, thing in enumerate(sample.things, start=1):
         lookup[:, index] = (COLOUR_IDS[thing.colour], SHAPE_IDS[thing.shape], WORD_IDS.get(thing.word, 0))
@@ -221,3 +221,12 @@ def gpu_pixels(batch: dict, processor: QwenVLProcessor, tables: dict, device) ->
     return inputs
 
 
+def grid_targets(position_ids: torch.Tensor, token_types: torch.Tensor) -> torch.Tensor:
+    """(2, B, L) row and column of each visual token in its merged grid, -100 elsewhere, from the
+    M-RoPE positions (3, B, L): a sequence's one visual block starts its rows and columns at the
+    same offset. RoPE leaves a token's absolute place out of what attention moves (values), so
+    "where is the red circle" could only be read off attention weights; this target puts it in."""
+    visual = token_types != 0
+    spatial = position_ids[1:]
+    offset = torch.where(visual, spatial[0], torch.iinfo(spatial.dtype).max).amin(dim=1, keepdim=True)
+    return torch.where(visual, spatial - offset, -100)

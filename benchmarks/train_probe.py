@@ -9,8 +9,8 @@
 Fresh scenes every step (benchmarks/scenes.py, drawn in DataLoader workers, seeds disjoint
 from the test seeds' range), each with all its questions as branches of one sequence
 (benchmarks/probe_data.py: trains exactly as lone questions, tested), preprocessed as the
-engine's processor does. Loss on the answer tokens plus an auxiliary target: what lies under
-each visual token. Writes a hub-style checkpoint (safetensors,
+engine's processor does. Loss on the answer tokens plus two auxiliary targets: what lies under
+each visual token, and where each visual token is. Writes a hub-style checkpoint (safetensors,
 tokenizer with chat template, preprocessor configs) that `VLMEngine.from_pretrained` and the
 jobs load, and `training.json` (command, steps, loss curve, held-out accuracy).
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenes  # noqa: E402
 from probe_data import (  # noqa: E402
-    COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, SceneStream, collate, encode, gpu_pixels)
+    COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, SceneStream, collate, encode, gpu_pixels, grid_targets)
 
 from sparsevlm.preprocess import QwenVLProcessor, normalization_table  # noqa: E402
 from sparsevlm.tiny import build_tokenizer, vision_token_ids, write_preprocessor_configs  # noqa: E402
@@ -48,11 +48,18 @@ PIXELS = 448 * 448  # every scene is resized to 448x448: 256 visual tokens per i
 # (benchmarks/results/h200_probe_training_trial_*.log; README, "Accuracy").
 ROPE_THETA = 100.0
 MROPE_SECTION = (4, 6, 6)
+GRID = 16  # merged tokens per side at 448x448
 VISION_ATTENTION = "probe_chunked_flash"  # "flash" in the name: transformers then passes cu_seqlens
-# Auxiliary target: what lies under each visual token (colour, shape, word). Selecting "the
-# triangle" among 256 tokens by attention learns slowly while the tokens do not yet say what they
-# show; this dense signal teaches them that early. The head is dropped after training.
+# Auxiliary targets, weighted against the answer loss. Regions: what lies under each visual token
+# (colour, shape, word). Selecting "the triangle" among 256 tokens by attention learns slowly while
+# the tokens do not yet say what they show; this dense signal teaches them that early. Labelled
+# tokens are few, so background counts a tenth in the word target. Grid: each visual token's row and
+# column from the decoder's hidden state after GRID_LAYER, so positions travel in what attention
+# moves. Both heads are dropped after training (not in the checkpoint).
 REGION_LOSS_WEIGHT = 0.5
+GRID_LOSS_WEIGHT = 0.5
+GRID_LAYER = 1
+BACKGROUND_WORD_WEIGHT = 0.1
 
 
 def model_config(tokenizer, small: bool):
@@ -69,33 +76,48 @@ def model_config(tokenizer, small: bool):
                 tie_word_embeddings=True, eos_token_id=eos, bos_token_id=pad, pad_token_id=pad,
                 rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
                                  "mrope_section": list(MROPE_SECTION)})
-    vision = dict(depth=2 if small else 4, embed_dim=32 if small else 128, hidden_size=hidden,
+    vision = dict(depth=2 if small else 6, embed_dim=32 if small else 128, hidden_size=hidden,
                   num_heads=2 if small else 4, mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids), (eos, pad)
 
 
-class RegionHead(torch.nn.Module):
-    """Linear read-out of colour, shape and word under each visual token (training only)."""
+class AuxiliaryHeads(torch.nn.Module):
+    """Linear read-outs for the auxiliary targets (training only)."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.sizes = [len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(WORD_IDS) + 1]
-        self.linear = torch.nn.Linear(hidden, sum(self.sizes))
+        self.regions = torch.nn.Linear(hidden, sum(self.sizes))
+        self.grid = torch.nn.Linear(hidden, 2 * GRID)
+        self.register_buffer("word_weight", torch.tensor([BACKGROUND_WORD_WEIGHT] + [1.0] * len(WORD_IDS)))
 
-    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.linear(features.float()).split(self.sizes, dim=-1))
+    def region_logits(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.regions(features.float()).split(self.sizes, dim=-1))
 
-    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the three targets: (N, hidden) features vs (3, N) class ids."""
-        return sum(torch.nn.functional.cross_entropy(lg, t) for lg, t in zip(self(features), targets)) / 3
+    def region_loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of colour, shape and word under each visual token (N, hidden) vs (3, N)."""
+        colour, shape, word = self.region_logits(features)
+        cross_entropy = torch.nn.functional.cross_entropy
+        return (cross_entropy(colour, targets[0]) + cross_entropy(shape, targets[1])
+                + cross_entropy(word, targets[2], weight=self.word_weight)) / 3
+
+    def grid_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each visual token's row and column: (B, L, hidden) vs (2, B, L), -100 ignored."""
+        rows, columns = self.grid(hidden.float()).split(GRID, dim=-1)
+        cross_entropy = torch.nn.functional.cross_entropy
+        return (cross_entropy(rows.flatten(0, 1), targets[0].flatten())
+                + cross_entropy(columns.flatten(0, 1), targets[1].flatten())) / 2
 
     @torch.no_grad()
-    def words_read(self, features: torch.Tensor, targets: torch.Tensor) -> float:
-        """Training diagnostic: the share of labelled tokens whose word the head names."""
-        labelled = targets[2] > 0
-        if not labelled.any():
-            return float("nan")
-        return float((self(features)[2].argmax(-1)[labelled] == targets[2][labelled]).float().mean())
+    def accuracies(self, features, regions, hidden, grid) -> dict[str, float]:
+        """Training diagnostics: words read on labelled tokens, rows and columns placed."""
+        word = self.region_logits(features)[2].argmax(-1)
+        labelled = regions[2] > 0
+        rows, columns = self.grid(hidden.float()).split(GRID, dim=-1)
+        visual = grid[0] >= 0
+        return {"words": float((word[labelled] == regions[2][labelled]).float().mean()) if labelled.any() else 0.0,
+                "rows": float((rows.argmax(-1)[visual] == grid[0][visual]).float().mean()),
+                "columns": float((columns.argmax(-1)[visual] == grid[1][visual]).float().mean())}
 
 
 def chunked_vision_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -201,10 +223,17 @@ def main() -> None:
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=lambda e: collate(e, pad), persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
-    head = RegionHead(config.text_config.hidden_size).to(device)
-    seen: list[torch.Tensor] = []  # the vision tower's outputs of one forward: images, then videos
-    hook = model.model.visual.register_forward_hook(lambda module, args, output: seen.append(output.pooler_output))
-    trained = [*model.parameters(), *head.parameters()]
+    heads = AuxiliaryHeads(config.text_config.hidden_size).to(device)
+    # one forward's vision tower outputs (a call for images, then one for videos) and decoder state
+    seen: dict[str, list[torch.Tensor]] = {"visual": [], "hidden": []}
+
+    def keep(key, output):
+        seen[key].append(output.pooler_output if key == "visual" else output[0] if isinstance(output, tuple) else output)
+
+    hooks = [model.model.visual.register_forward_hook(lambda module, args, output: keep("visual", output)),
+             model.model.language_model.layers[GRID_LAYER].register_forward_hook(
+                 lambda module, args, output: keep("hidden", output))]
+    trained = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98),
                                   fused=device.type == "cuda")
     budget_s, warmup = args.minutes * 60, 200
@@ -226,28 +255,33 @@ def main() -> None:
         inputs = gpu_pixels(batch, processor, tables, device)
         regions = torch.cat([batch[k] for k in ("image_regions", "video_regions") if k in batch], dim=1)
         regions = regions.to(device, non_blocking=True)
-        seen.clear()
+        grid = grid_targets(inputs["position_ids"], inputs["mm_token_type_ids"])
+        seen["visual"].clear(), seen["hidden"].clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**inputs).loss
-            visual = torch.cat(seen)
-            aux = head.loss(visual, regions)
+            visual, hidden = torch.cat(seen["visual"]), seen["hidden"][0]
+            region_aux = heads.region_loss(visual, regions)
+            grid_aux = heads.grid_loss(hidden, grid)
         optimizer.zero_grad(set_to_none=True)
-        (loss + REGION_LOSS_WEIGHT * aux).backward()
+        (loss + REGION_LOSS_WEIGHT * region_aux + GRID_LOSS_WEIGHT * grid_aux).backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        losses.append(torch.stack([loss.detach(), aux.detach()]))
+        losses.append(torch.stack([loss.detach(), region_aux.detach(), grid_aux.detach()]))
         answers += int((batch["labels"] != -100).sum())
         step += 1
         if step % args.log_every == 0:
-            mean, mean_aux = torch.stack(losses).mean(0).tolist()
+            mean, mean_regions, mean_grid = torch.stack(losses).mean(0).tolist()
             losses.clear()
-            words = head.words_read(visual, regions)
+            read = heads.accuracies(visual, regions, hidden, grid)
             curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(mean, 4),
-                          "region_loss": round(mean_aux, 4), "words_read": round(words, 3)})
-            print(f"step {step:6d} {elapsed:6.0f}s loss {mean:.4f} regions {mean_aux:.4f} (words read {words:.2f})  "
+                          "region_loss": round(mean_regions, 4), "grid_loss": round(mean_grid, 4),
+                          **{f"{k}_accuracy": round(v, 3) for k, v in read.items()}})
+            print(f"step {step:6d} {elapsed:6.0f}s loss {mean:.4f} regions {mean_regions:.4f} grid {mean_grid:.4f} "
+                  f"(words {read['words']:.2f} rows {read['rows']:.2f} columns {read['columns']:.2f})  "
                   f"{step / elapsed:5.2f} steps/s  waiting for data {waited / elapsed:4.0%}", flush=True)
 
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     model.model.visual.config._attn_implementation = "sdpa"
     model.save_pretrained(args.out, safe_serialization=True)
     result = evaluate(model, processor, device, seed=99, n=args.eval_n)
