@@ -36,14 +36,14 @@ def derive(sample: scenes.Sample) -> str:
         return found.shape
     if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", q):
         return "yes" if any(t.colour == m[1] and t.shape == m[2] for t in things) else "no"
-    if m := re.fullmatch(r"Is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?", q):
-        a, b = named(things, m[1], m[2]), named(things, m[4], m[5])
-        holds = {"left of": a.x < b.x, "right of": a.x > b.x, "above": a.y < b.y, "below": a.y > b.y}[m[3]]
-        return "yes" if holds else "no"
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", q):
+        thing, half = named(things, m[1], m[2]), sample.frames[0].width / 2
+        assert min(abs(thing.x - half), abs(thing.y - half)) > thing.r / 2, "no borderline quadrants"
+        return ("top" if thing.y < half else "bottom") + " " + ("left" if thing.x < half else "right")
     if m := re.fullmatch(r"How many (\w+)s are there\?", q):
         return scenes.NUMBERS[sum(t.shape == m[1] for t in things)]
-    if m := re.fullmatch(r"What word is on the (\w+) (\w+)\?", q):
-        return named(things, m[1], m[2]).word
+    if m := re.fullmatch(r"What word is on the (\w+) sign\?", q):
+        return named(things, m[1], "sign").word
     if m := re.fullmatch(r"Which way does the (\w+) (\w+) move\?", q):
         vx, vy = named(things, m[1], m[2]).velocity
         return ("right" if vx > 0 else "left") if abs(vx) > abs(vy) else ("down" if vy > 0 else "up")
@@ -71,6 +71,18 @@ def test_colours_are_in_the_pixels(samples):
         found = [t for t in sample.things if t.colour == sample.answer]
         pixels = np.asarray(sample.frames[0])
         assert any(tuple(pixels[int(t.y + 0.5 * t.r), int(t.x)]) == scenes.COLOURS[t.colour] for t in found)
+
+
+def test_signs_show_a_coloured_rim_and_a_dark_word_on_white(samples):
+    signs = [t for s in samples for t in s.things if t.shape == scenes.SIGN]
+    assert signs, "read questions draw signs"
+    for sample in (s for s in samples if s.qtype == "read"):
+        pixels = np.asarray(sample.frames[0]).astype(int)
+        for sign in (t for t in sample.things if t.shape == scenes.SIGN):
+            x, y, half_height = int(sign.x), int(sign.y), sign.r * scenes.SIGN_HALF_SIZE[1] / scenes.SIGN_HALF_SIZE[0]
+            assert tuple(pixels[int(y - 0.9 * half_height), x]) == scenes.COLOURS[sign.colour]
+            inner = pixels[int(y - 0.6 * half_height):int(y + 0.6 * half_height), int(x - 0.7 * sign.r):int(x + 0.7 * sign.r)]
+            assert (inner.sum(-1) == 3 * 255).mean() > 0.4 and (inner.sum(-1) < 100).mean() > 0.05, "white plate, black text"
 
 
 def test_sizes_and_frames(samples):
