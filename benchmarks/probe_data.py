@@ -47,14 +47,18 @@ def encode(processor: QwenVLProcessor, sample: scenes.Sample, with_answer: bool 
     return encoded
 
 
-def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> dict:
+def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample], keep_ratio: float = 1.0,
+                 rng: random.Random | None = None) -> dict:
     """Questions on one scene as ONE sequence that trains exactly as that many single-question
     examples: the shared prefix (system prompt, user turn up to the media's end) once, then per
     question a branch (the rest of the prompt, the answer, <|im_end|>) that sees the prefix and
     itself only (`branch`: 0 prefix, j for question j; `tree_attention_mask` builds the mask)
     and is positioned right after the prefix, as inference positions it. Only answers and their
     <|im_end|> are learned. Pixels stay uint8 frames resized as the processor resizes them;
-    `gpu_pixels` normalises and patchifies them on the device, bit for bit as the processor."""
+    `gpu_pixels` normalises and patchifies them on the device, bit for bit as the processor.
+
+    `keep_ratio` < 1 drops a random share of the visual tokens from the sequence (the rest keep
+    their positions, as pruning keeps them); "keep" says which of the vision tower's outputs stay."""
     first, tokenizer = samples[0], processor.tokenizer
     cfg = processor.image_cfg if first.kind == "image" else processor.video_cfg
     frames = [_to_rgb_uint8(f) for f in first.frames]
@@ -90,9 +94,18 @@ def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample]) -> di
         positions.append(torch.arange(start, start + len(question) + len(answer)).expand(3, -1))
     input_ids = torch.tensor(ids)
     regions = region_targets(first, grid[0], grid[1] // cfg.merge_size, grid[2] // cfg.merge_size)
+    keep = torch.ones(n_visual, dtype=torch.bool)
+    if keep_ratio < 1.0:
+        kept = (rng or random).sample(range(n_visual), max(1, round(keep_ratio * n_visual)))
+        keep = torch.zeros(n_visual, dtype=torch.bool)
+        keep[kept] = True
+    in_sequence = torch.ones(len(input_ids), dtype=torch.bool)
+    in_sequence[torch.nonzero(input_ids == pad_id)[:, 0]] = keep
+    token_types = _token_types(input_ids, pad_id, first.kind)
     return {"kind": first.kind, "frames": torch.from_numpy(resized), "grid": torch.tensor(grid), "regions": regions,
-            "input_ids": input_ids, "labels": torch.tensor(labels), "branch": torch.tensor(branch),
-            "mm_token_type_ids": _token_types(input_ids, pad_id, first.kind), "position_ids": torch.cat(positions, 1)}
+            "keep": keep, "input_ids": input_ids[in_sequence], "labels": torch.tensor(labels)[in_sequence],
+            "branch": torch.tensor(branch)[in_sequence], "mm_token_type_ids": token_types[in_sequence],
+            "position_ids": torch.cat(positions, 1)[:, in_sequence]}
 
 
 def _token_types(input_ids: torch.Tensor, pad_id: int, kind: str) -> torch.Tensor:
@@ -162,17 +175,19 @@ def training_example(rng: random.Random) -> list[scenes.Sample]:
 
 
 class SceneStream(IterableDataset):
-    """Endless fresh examples; each worker draws from its own seed."""
+    """Endless fresh examples; each worker draws from its own seed. A `drop_share` of them keep
+    only 10-60% of their visual tokens, drawn at random (robustness to pruning)."""
 
-    def __init__(self, checkpoint: Path, seed: int):
-        self.checkpoint, self.seed = checkpoint, seed
+    def __init__(self, checkpoint: Path, seed: int, drop_share: float = 0.0):
+        self.checkpoint, self.seed, self.drop_share = checkpoint, seed, drop_share
 
     def __iter__(self):
         worker = get_worker_info()
         processor = QwenVLProcessor.from_pretrained(self.checkpoint)
         rng = random.Random(self.seed * 1_000_003 + (worker.id if worker else 0))
         while True:
-            yield encode_scene(processor, training_example(rng))
+            keep_ratio = rng.uniform(0.1, 0.6) if rng.random() < self.drop_share else 1.0
+            yield encode_scene(processor, training_example(rng), keep_ratio, rng)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -193,6 +208,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             batch[f"{kind}_frames"] = torch.cat([e["frames"] for e in having])
             batch[f"{kind}_grid_thw"] = torch.stack([e["grid"] for e in having])
             batch[f"{kind}_regions"] = torch.cat([e["regions"] for e in having], dim=1)
+            batch[f"{kind}_keep"] = [e["keep"] for e in having]
     return batch
 
 
@@ -224,9 +240,11 @@ def gpu_pixels(batch: dict, processor: QwenVLProcessor, tables: dict, device) ->
 def grid_targets(position_ids: torch.Tensor, token_types: torch.Tensor) -> torch.Tensor:
     """(2, B, L) row and column of each visual token in its merged grid, -100 elsewhere, from the
     M-RoPE positions (3, B, L): a sequence's one visual block starts its rows and columns at the
-    same offset. RoPE leaves a token's absolute place out of what attention moves (values), so
-    "where is the red circle" could only be read off attention weights; this target puts it in."""
+    same offset, the first frame group's time position (still right when tokens are dropped,
+    unless a whole first frame group is).
+    RoPE leaves a token's absolute place out of what attention moves (values), so "where is the
+    red circle" could only be read off attention weights; this target puts it in."""
     visual = token_types != 0
     spatial = position_ids[1:]
-    offset = torch.where(visual, spatial[0], torch.iinfo(spatial.dtype).max).amin(dim=1, keepdim=True)
+    offset = torch.where(visual, position_ids[0], torch.iinfo(spatial.dtype).max).amin(dim=1, keepdim=True)
     return torch.where(visual, spatial - offset, -100)

@@ -45,9 +45,9 @@ IMAGE_TYPES = ("colour", "shape", "exists", "position", "count", "read")
 VIDEO_TYPES = ("motion", "order")
 VIDEO_SIZE, VIDEO_FRAMES = 448, 8
 PROMPT_SUFFIX = " Answer with one or two words."  # after every question, in training and in use
-# Sign text, px at 448 (scaled with the image): letters about two 14-px patches wide. A small vision
-# tower trained on labels at 22-26 px did not learn to read them in our training budget (README,
-# Accuracy); on crops it read 52-px words within 10k examples and 26-px ones not in 25k.
+# Sign text, px at 448 (scaled with the image): letters about two 14-px patches wide. The probe's
+# small vision tower did not learn to read 22-44 px labels drawn on the shapes in its training
+# budget; it reads these (README, Accuracy).
 FONT_SIZE = 48
 SIGN_HALF_SIZE = (60, 40)  # half width, half height, px at 448
 QUADRANT_MARGIN = 0.5  # a position question's object centre is >= this many radii off both midlines
@@ -124,7 +124,8 @@ def _draw(draw: ImageDraw.ImageDraw, thing: Thing, x: float, y: float, font_size
         draw.rectangle([x - r, y - half_height, x + r, y + half_height], fill=fill)
         if thing.shape == SIGN and not silhouette:
             rim = 0.25 * half_height  # thick: the rim is all that says which sign it is
-            draw.rectangle([x - r + rim, y - half_height + rim, x + r - rim, y + half_height - rim], fill=(255, 255, 255))
+            inner = [x - r + rim, y - half_height + rim, x + r - rim, y + half_height - rim]
+            draw.rectangle(inner, fill=(255, 255, 255))
             draw.text((x, y), thing.word, fill=(0, 0, 0), font=_font(font_size), anchor="mm")
     elif thing.shape == "triangle":
         draw.polygon([(x, y - r), (x + r, y + r * 0.85), (x - r, y + r * 0.85)], fill=fill)
@@ -210,7 +211,8 @@ def _ask(rng: random.Random, qtype: str, things: list[Thing]) -> tuple[str, str]
         t = rng.choice(by_size) if by_size else None
         return (f"What colour is the {t.size} {t.shape}?", t.colour) if t else None
     if qtype == "shape":
-        choices = [t for t in _unique(things, colour=1) if t.shape != SIGN]  # "the red object": no red sign either
+        # "the red object": unique among signs too
+        choices = [t for t in _unique(things, colour=1) if t.shape != SIGN]
         t = rng.choice(choices) if choices else None
         return (f"What shape is the {t.colour} object?", t.shape) if t else None
     if qtype == "exists":

@@ -5,6 +5,8 @@
     python benchmarks/train_probe.py --out /tmp/probe --minutes 1 --small          # CPU smoke run
     python benchmarks/train_probe.py --out /tmp/probe --archive $OUT               # + the checkpoint as
         # probe.tar.gz.partNN files of at most 15 MiB; back on this side: cat probe.tar.gz.part* | tar xz
+    python benchmarks/train_probe.py --out /tmp/robust --init-from jobs/models/scene-probe --drop-share 0.5 \
+        --lr 3e-4 --minutes 7.5 --workers 15    # fine-tune with dropped visual tokens (README, Accuracy)
 
 Fresh scenes every step (benchmarks/scenes.py, drawn in DataLoader workers, seeds disjoint
 from the test seeds' range), each with all its questions as branches of one sequence
@@ -138,6 +140,31 @@ def chunked_vision_attention(module, query, key, value, attention_mask, scaling=
     return out.permute(0, 2, 1, 3).reshape(1, total, heads, dim), None
 
 
+def _architecture(config) -> list[dict]:
+    """What must match for --init-from: the text and vision settings (not the stored dtype)."""
+    parts = (config.text_config, config.vision_config)
+    return [{k: v for k, v in part.to_dict().items() if k != "dtype"} for part in parts]
+
+
+def _drop_visual_tokens(model, kind: str, kept: dict[str, list[torch.Tensor]]) -> None:
+    """Make `model.get_{kind}_features` return only the features `kept[kind]` (one boolean mask
+    per example) selects, matching sequences whose dropped visual tokens were taken out. Training
+    only: deleting the instance attribute restores the method."""
+    name = f"get_{kind}_features"
+    original = getattr(model, name)
+
+    def selected(*args, **kwargs):
+        output = original(*args, **kwargs)
+        per_example = output.pooler_output if hasattr(output, "pooler_output") else output
+        chosen = tuple(features[mask] for features, mask in zip(per_example, kept[kind], strict=True))
+        if hasattr(output, "pooler_output"):
+            output.pooler_output = chosen
+            return output
+        return chosen
+
+    setattr(model, name, selected)
+
+
 def evaluate(model, processor, device, seed: int, n: int) -> dict:
     """Greedy answers of held-out scenes with transformers' own generate (the engine is checked
     against it elsewhere); exact match after normalisation, per question type."""
@@ -196,6 +223,9 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=100, help="steps between loss lines")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of steps 30-39")
     parser.add_argument("--archive", type=Path, help="also write the checkpoint here as .tar.gz parts of <= 15 MiB")
+    parser.add_argument("--drop-share", type=float, default=0.0,
+                        help="share of examples that keep only 10-60%% of their visual tokens (robustness to pruning)")
+    parser.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (fine-tuning)")
     args = parser.parse_args()
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,7 +240,12 @@ def main() -> None:
     tokenizer.save_pretrained(args.out)
     write_preprocessor_configs(args.out, "qwen2_vl", min_pixels=PIXELS, max_pixels=PIXELS)
     config, (eos, pad) = model_config(tokenizer, args.small)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
+    if args.init_from:
+        model = AutoModelForImageTextToText.from_pretrained(args.init_from, dtype=torch.float32).to(device)
+        if _architecture(model.config) != _architecture(config):
+            raise SystemExit(f"{args.init_from} is not a checkpoint of this script's model configuration")
+    else:
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad, do_sample=False)
     AttentionInterface.register(VISION_ATTENTION, chunked_vision_attention)
     processor = QwenVLProcessor.from_pretrained(args.out)
@@ -219,7 +254,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f}M parameters on {device}", flush=True)
 
-    stream = SceneStream(args.out, TRAIN_SEED_BASE + args.seed)
+    stream = SceneStream(args.out, TRAIN_SEED_BASE + args.seed, args.drop_share)
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=lambda e: collate(e, pad), persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
@@ -228,11 +263,18 @@ def main() -> None:
     seen: dict[str, list[torch.Tensor]] = {"visual": [], "hidden": []}
 
     def keep(key, output):
-        seen[key].append(output.pooler_output if key == "visual" else output[0] if isinstance(output, tuple) else output)
+        if key == "visual":
+            seen[key].append(output.pooler_output)
+        else:
+            seen[key].append(output[0] if isinstance(output, tuple) else output)
 
     hooks = [model.model.visual.register_forward_hook(lambda module, args, output: keep("visual", output)),
              model.model.language_model.layers[GRID_LAYER].register_forward_hook(
                  lambda module, args, output: keep("hidden", output))]
+    kept: dict[str, list[torch.Tensor]] = {}  # per kind, per example: which visual tokens stay
+    if args.drop_share:
+        for kind in ("image", "video"):
+            _drop_visual_tokens(model.model, kind, kept)
     trained = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98),
                                   fused=device.type == "cuda")
@@ -255,6 +297,8 @@ def main() -> None:
         inputs = gpu_pixels(batch, processor, tables, device)
         regions = torch.cat([batch[k] for k in ("image_regions", "video_regions") if k in batch], dim=1)
         regions = regions.to(device, non_blocking=True)
+        kept.update({kind: [k.to(device, non_blocking=True) for k in batch[f"{kind}_keep"]]
+                     for kind in ("image", "video") if f"{kind}_keep" in batch})
         grid = grid_targets(inputs["position_ids"], inputs["mm_token_type_ids"])
         seen["visual"].clear(), seen["hidden"].clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -282,6 +326,8 @@ def main() -> None:
 
     for hook in hooks:
         hook.remove()
+    for kind in ("image", "video"):
+        model.model.__dict__.pop(f"get_{kind}_features", None)  # back to the class's own (no dropping)
     model.model.visual.config._attn_implementation = "sdpa"
     model.save_pretrained(args.out, safe_serialization=True)
     result = evaluate(model, processor, device, seed=99, n=args.eval_n)

@@ -109,6 +109,58 @@ def test_a_scene_trains_exactly_as_its_single_questions(checkpoint):
         torch.testing.assert_close(tree_logits[mine], lone_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_dropped_visual_tokens_train_as_pruned_inputs(checkpoint):
+    """Training with dropped visual tokens (--drop-share): the sequence loses exactly the dropped
+    tokens, the rest keep their positions and grid targets, and the model's logits equal a plain
+    forward on the kept features placed by hand (fp32, CPU)."""
+    import random
+
+    from transformers import AutoModelForImageTextToText
+
+    from sparsevlm.preprocess import QwenVLProcessor
+
+    processor = QwenVLProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    samples = [scenes.sample_at(4, 0), scenes.sample_at(4, 6)]  # an image, a video
+    full = [probe_data.encode_scene(processor, [s]) for s in samples]
+    dropped = [probe_data.encode_scene(processor, [s], keep_ratio=0.3, rng=random.Random(i))
+               for i, s in enumerate(samples)]
+    for whole, part in zip(full, dropped):
+        visual = whole["mm_token_type_ids"] != 0
+        assert int(part["keep"].sum()) == round(0.3 * int(visual.sum())) and not part["keep"].all()
+        in_sequence = torch.ones_like(visual)
+        in_sequence[visual] = part["keep"]
+        for key in ("input_ids", "labels", "branch", "mm_token_type_ids"):
+            assert torch.equal(part[key], whole[key][in_sequence]), key
+        assert torch.equal(part["position_ids"], whole["position_ids"][:, in_sequence])
+        whole_grid = probe_data.grid_targets(whole["position_ids"][:, None], whole["mm_token_type_ids"][None])
+        part_grid = probe_data.grid_targets(part["position_ids"][:, None], part["mm_token_type_ids"][None])
+        assert torch.equal(part_grid, whole_grid[:, :, in_sequence])
+        assert sorted(set(whole_grid[0, 0, visual].tolist())) == list(range(16))  # 448x448: 16 rows
+
+    batch = probe_data.collate(dropped, pad_id=0)
+    tables = {"image": _table(processor.image_cfg), "video": _table(processor.video_cfg)}
+    inputs = probe_data.gpu_pixels(batch, processor, tables, torch.device("cpu"))
+    inputs.pop("labels")
+    with torch.no_grad():
+        features = [model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0],
+                    model.model.get_video_features(inputs["pixel_values_videos"],
+                                                   inputs["video_grid_thw"]).pooler_output[0]]
+        kept = {"image": batch["image_keep"], "video": batch["video_keep"]}
+        for kind in kept:
+            train_probe._drop_visual_tokens(model.model, kind, kept)
+        logits = model(**inputs).logits
+        for kind in kept:
+            model.model.__dict__.pop(f"get_{kind}_features")
+        embeds = model.model.get_input_embeddings()(inputs["input_ids"])
+        for row, (feature, keep) in enumerate(zip(features, (batch["image_keep"][0], batch["video_keep"][0]))):
+            embeds[row, inputs["mm_token_type_ids"][row] != 0] = feature[keep]
+        reference = model(inputs_embeds=embeds, position_ids=inputs["position_ids"],
+                          attention_mask=inputs["attention_mask"], mm_token_type_ids=inputs["mm_token_type_ids"]).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
 def _table(cfg):
     from sparsevlm.preprocess import normalization_table
 

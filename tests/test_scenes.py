@@ -79,10 +79,12 @@ def test_signs_show_a_coloured_rim_and_a_dark_word_on_white(samples):
     for sample in (s for s in samples if s.qtype == "read"):
         pixels = np.asarray(sample.frames[0]).astype(int)
         for sign in (t for t in sample.things if t.shape == scenes.SIGN):
-            x, y, half_height = int(sign.x), int(sign.y), sign.r * scenes.SIGN_HALF_SIZE[1] / scenes.SIGN_HALF_SIZE[0]
+            x, y = int(sign.x), int(sign.y)
+            half_width, half_height = sign.r, sign.r * scenes.SIGN_HALF_SIZE[1] / scenes.SIGN_HALF_SIZE[0]
             assert tuple(pixels[int(y - 0.9 * half_height), x]) == scenes.COLOURS[sign.colour]
-            inner = pixels[int(y - 0.6 * half_height):int(y + 0.6 * half_height), int(x - 0.7 * sign.r):int(x + 0.7 * sign.r)]
-            assert (inner.sum(-1) == 3 * 255).mean() > 0.4 and (inner.sum(-1) < 100).mean() > 0.05, "white plate, black text"
+            inner = pixels[int(y - 0.6 * half_height):int(y + 0.6 * half_height),
+                           int(x - 0.7 * half_width):int(x + 0.7 * half_width)].sum(-1)
+            assert (inner == 3 * 255).mean() > 0.4 and (inner < 100).mean() > 0.05, "white plate, black text"
 
 
 def test_sizes_and_frames(samples):
