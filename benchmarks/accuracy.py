@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenes  # noqa: E402
 from probe_data import encode  # noqa: E402
 
+from pipeline.model_source import PROBE_PATH as PROBE  # noqa: E402
 from sparsevlm import SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 from sparsevlm.preprocess import QwenVLProcessor  # noqa: E402
 
-PROBE = Path(__file__).resolve().parent.parent / "jobs" / "models" / "scene-probe"
 PRESETS = (192, 128, 64)
 
 

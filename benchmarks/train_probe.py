@@ -297,8 +297,9 @@ def main() -> None:
         inputs = gpu_pixels(batch, processor, tables, device)
         regions = torch.cat([batch[k] for k in ("image_regions", "video_regions") if k in batch], dim=1)
         regions = regions.to(device, non_blocking=True)
-        kept.update({kind: [k.to(device, non_blocking=True) for k in batch[f"{kind}_keep"]]
-                     for kind in ("image", "video") if f"{kind}_keep" in batch})
+        if args.drop_share:
+            kept.update({kind: [k.to(device, non_blocking=True) for k in batch[f"{kind}_keep"]]
+                         for kind in ("image", "video") if f"{kind}_keep" in batch})
         grid = grid_targets(inputs["position_ids"], inputs["mm_token_type_ids"])
         seen["visual"].clear(), seen["hidden"].clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

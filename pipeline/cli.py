@@ -110,7 +110,8 @@ def compare_with_references(input_uri: str, id_column: str, ok, column: str = "a
     dataset = pads.dataset(input_uri, format="parquet")
     if column not in dataset.schema.names:
         return
-    references = dict(zip(*dataset.to_table(columns=[id_column, column]).to_pydict().values()))
+    table = dataset.to_table(columns=[id_column, column])
+    references = dict(zip(table.column(id_column).to_pylist(), table.column(column).to_pylist()))
     rows = sorted((row for row in ok.select(["id", "output"]).to_pylist() if row["id"] in references),
                   key=lambda row: str(row["id"]))
     if not rows:

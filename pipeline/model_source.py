@@ -15,6 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = "embedded:scene-probe"
 TINY_MODEL = "embedded:tiny-qwen2_5_vl"
+PROBE_PATH = REPO / "jobs" / "models" / "scene-probe"  # what EMBEDDED_MODEL loads
 EMBEDDED_NAMES = {EMBEDDED_MODEL: "embedded scene-probe (trained here on procedural scenes)",
                   TINY_MODEL: "embedded tiny-qwen2_5_vl (random weights)"}
 
@@ -22,7 +23,7 @@ EMBEDDED_NAMES = {EMBEDDED_MODEL: "embedded scene-probe (trained here on procedu
 def resolve_model(path: str | None) -> str:
     """A loadable path: the given one, or an embedded offline model (the tiny one built once per machine)."""
     if not path or path == EMBEDDED_MODEL:
-        return str(REPO / "jobs" / "models" / "scene-probe")
+        return str(PROBE_PATH)
     if path != TINY_MODEL:
         return path
     from sparsevlm.tiny import build_tiny_checkpoint

@@ -161,6 +161,22 @@ def test_dropped_visual_tokens_train_as_pruned_inputs(checkpoint):
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_init_from_starts_from_the_checkpoint_and_refuses_another_architecture(checkpoint, tmp_path):
+    """--init-from: at learning rate 0 the written weights are the checkpoint's own (a fresh
+    model would be random); a checkpoint of another configuration stops the run."""
+    from safetensors.torch import load_file
+
+    command = [sys.executable, str(REPO / "benchmarks" / "train_probe.py"), "--init-from", str(checkpoint),
+               "--minutes", "0.02", "--workers", "0", "--batch-size", "2", "--eval-n", "8", "--lr", "0"]
+    subprocess.run([*command, "--out", str(tmp_path / "again"), "--small", "--drop-share", "1.0"],
+                   check=True, capture_output=True)
+    before, after = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    refused = subprocess.run([*command, "--out", str(tmp_path / "other")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "is not a checkpoint of this script's model configuration" in refused.stderr
+
+
 def _table(cfg):
     from sparsevlm.preprocess import normalization_table
 
