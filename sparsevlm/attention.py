@@ -1,10 +1,13 @@
 """Attention inside HF decoder layers: packed varlen prefill and decode over the ragged cache.
 
-We register one function with transformers' `AttentionInterface`; while the engine runs
-a forward (see `packed_attention_enabled`), every decoder layer's attention calls it with
-the post-RoPE q/k/v and our `ForwardContext` (a keyword argument passed to each layer).
-It writes K/V into the ragged cache, then runs the chosen backend. Outside the engine the
-model keeps its own attention implementation, so `model.generate` is untouched.
+The engine routes the decoder's attention once, at start-up (`route_text_attention`): the
+text config names our dispatcher, which every decoder layer calls. Inside an engine forward
+the layer carries our `ForwardContext` (a keyword argument passed to each layer): the
+dispatcher writes K/V into the KV pool and runs the chosen backend. Without it (the model
+called by anyone else, `model.generate` included) it is exactly transformers' SDPA, with
+SDPA's own masks. The vision tower is routed per call instead (`attention_implementation`,
+once per pack): naming a varlen function there changes how transformers' own vision code
+splits windows, and `model.generate` must keep its own path as the reference.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import torch.nn.functional as F
 
 from kernels.decode_attention import decode_attention, decode_attention_reference
 
-from .kv_cache import RaggedKVCache
+from .kv_cache import KVPool
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_NAME = "sparsevlm_packed"
+DISPATCH_NAME = "sparsevlm_dispatch"
 # transformers' Qwen-VL vision towers hand cu_seqlens to the attention function only when its
 # name contains "flash"; otherwise they loop over every window in Python (~100 ms per image).
 VISION_ATTENTION_NAME = "sparsevlm_varlen_flash"
@@ -52,7 +55,7 @@ class DecodeMeta:
 
 @dataclass
 class ForwardContext:
-    cache: RaggedKVCache
+    cache: KVPool
     backend: "AttentionBackend"
     prefill: PrefillMeta | None = None
     decode: DecodeMeta | None = None
@@ -173,19 +176,39 @@ def vision_varlen_attention(module, query, key, value, attention_mask, scaling=N
     return out[None], None
 
 
+def dispatch_attention(module, query, key, value, attention_mask, sparsevlm_ctx: ForwardContext | None = None,
+                       **kwargs):
+    """The decoder's attention for good: ours inside an engine forward, transformers' SDPA otherwise."""
+    if sparsevlm_ctx is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return packed_attention(module, query, key, value, attention_mask, sparsevlm_ctx=sparsevlm_ctx, **kwargs)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(ATTENTION_NAME, packed_attention)
+    AttentionInterface.register(DISPATCH_NAME, dispatch_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DISPATCH_NAME, sdpa_mask)  # outside the engine: SDPA's masks
     AttentionInterface.register(VISION_ATTENTION_NAME, vision_varlen_attention)
 
 
 _register()
 
 
+def route_text_attention(text_config) -> None:
+    """Once per engine: the decoder layers built from `text_config` call `dispatch_attention`."""
+    if text_config._attn_implementation not in (DISPATCH_NAME, "sdpa"):
+        logger.warning("model loaded with attention %r; outside the engine it now runs SDPA",
+                       text_config._attn_implementation)
+    text_config._attn_implementation = DISPATCH_NAME
+
+
 @contextlib.contextmanager
-def attention_implementation(config, name: str = ATTENTION_NAME):
-    """Route the attention of modules built from `config` to our function `name` for one engine forward."""
+def attention_implementation(config, name: str = VISION_ATTENTION_NAME):
+    """Route the attention of modules built from `config` to our function `name` for one call."""
     previous = config._attn_implementation
     config._attn_implementation = name
     try:

@@ -139,21 +139,28 @@ def _table(cfg: VisionPreprocessConfig) -> np.ndarray:
     return normalization_table(cfg)
 
 
-def preprocess_image(image, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+def resized_image(image, cfg: VisionPreprocessConfig) -> np.ndarray:
+    """(1, H, W, 3) uint8: the image as the vision tower sees it, before normalisation."""
     frame = _to_rgb_uint8(image)
     size = smart_resize(frame.height, frame.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-    return patchify(normalize_frames(resize_frame(frame, size)[None], _table(cfg)), cfg)
+    return resize_frame(frame, size)[None]
 
 
-def preprocess_video(frames: Sequence, cfg: VisionPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """`frames`: the already-sampled frames of one video (PIL images or uint8 HxWxC arrays)."""
+def resized_video(frames: Sequence, cfg: VisionPreprocessConfig) -> np.ndarray:
+    """(T, H, W, 3) uint8 of the already-sampled frames (PIL images or uint8 HxWxC arrays)."""
     if isinstance(frames, np.ndarray) and frames.ndim == 4:
         frames = list(frames)
     if len(frames) == 0:
         raise ValueError("a video needs at least one frame")
     frames = [_to_rgb_uint8(f) for f in frames]
     size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-    return patchify(normalize_frames(np.stack([resize_frame(f, size) for f in frames]), _table(cfg)), cfg)
+    return np.stack([resize_frame(f, size) for f in frames])
+
+
+def frames_grid(frames: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[int, int, int]:
+    """grid_thw of (T, H, W, 3) frames: T padded to the temporal patch, as `patchify` pads it."""
+    return (-(-frames.shape[0] // cfg.temporal_patch_size), frames.shape[1] // cfg.patch_size,
+            frames.shape[2] // cfg.patch_size)
 
 
 class QwenVLProcessor:
@@ -190,11 +197,16 @@ class QwenVLProcessor:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=tokenize, **kwargs)
 
-    def __call__(self, text, images=None, videos=None, return_tensors: str = "pt", video_fps: float = 2.0) -> dict:
+    def __call__(self, text, images=None, videos=None, return_tensors: str = "pt", video_fps: float = 2.0,
+                 return_frames: bool = False) -> dict:
         """`text`: one prompt (or a one-element list) containing one pad token per image/video.
 
         `video_fps`: the rate at which the frames were sampled (Qwen2.5-VL turns it into
         `second_per_grid_ts`, the time step of its temporal positions).
+        `return_frames`: instead of float patches (`pixel_values*`), the resized uint8 frames
+        (`image_frames` / `video_frames`: one (T, H, W, 3) tensor per image / video); the engine
+        normalises and patchifies them on its device, to the same values. A quarter of the
+        bytes to move, and the arithmetic leaves the CPU.
         """
         if isinstance(text, (list, tuple)):
             if len(text) != 1:
@@ -208,15 +220,12 @@ class QwenVLProcessor:
         image_tokens: list[int] = []
         video_tokens: list[int] = []
         if images:
-            patches, grids = zip(*(preprocess_image(im, self.image_cfg) for im in images))
-            out["pixel_values"] = torch.from_numpy(np.concatenate(patches))
-            out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
-            image_tokens = [t * h * w // self.image_cfg.merge_size ** 2 for t, h, w in grids]
+            image_tokens = self._visual(out, "image", "pixel_values", [resized_image(im, self.image_cfg) for im in images],
+                                        self.image_cfg, return_frames)
         if videos:
-            patches, grids = zip(*(preprocess_video(v, self.video_cfg) for v in videos))
-            out["pixel_values_videos"] = torch.from_numpy(np.concatenate(patches))
-            out["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
-            video_tokens = [t * h * w // self.video_cfg.merge_size ** 2 for t, h, w in grids]
+            video_tokens = self._visual(out, "video", "pixel_values_videos",
+                                        [resized_video(v, self.video_cfg) for v in videos], self.video_cfg,
+                                        return_frames)
             if self.with_second_per_grid_ts:
                 out["second_per_grid_ts"] = torch.tensor([self.video_cfg.temporal_patch_size / video_fps] * len(videos))
         text = _expand_pad_tokens(text, IMAGE_PAD, image_tokens)
@@ -227,6 +236,19 @@ class QwenVLProcessor:
         token_type[input_ids == self.video_token_id] = TOKEN_TYPE_VIDEO
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "mm_token_type_ids": token_type, **out}
+
+    @staticmethod
+    def _visual(out: dict, kind: str, pixel_key: str, resized: list[np.ndarray], cfg: VisionPreprocessConfig,
+                return_frames: bool) -> list[int]:
+        """Fill `out` with one kind's pixels (patches or frames) and grids; -> visual tokens per item."""
+        grids = [frames_grid(frames, cfg) for frames in resized]
+        if return_frames:
+            out[f"{kind}_frames"] = [torch.from_numpy(f if f.flags.writeable else f.copy()) for f in resized]
+        else:
+            out[pixel_key] = torch.from_numpy(np.concatenate(
+                [patchify(normalize_frames(frames, _table(cfg)), cfg)[0] for frames in resized]))
+        out[f"{kind}_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        return [t * h * w // cfg.merge_size ** 2 for t, h, w in grids]
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)

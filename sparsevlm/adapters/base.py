@@ -1,9 +1,11 @@
 """What the engine needs to know about a model family, and nothing more.
 
-An adapter turns one processor output into a `PreparedSample` (validated, positions
-computed on the host), runs the vision tower over the visual inputs of a whole pack,
-builds the packed input embeddings, and exposes the decoder pieces (layers, final norm,
-lm_head, rotary). Everything else in the engine is family-agnostic.
+An adapter loads the family's processor, turns one processor output into a `PreparedSample`
+(validated, positions computed on the host: a CPU stage can do this with the config alone),
+starts its pixels' upload, runs the vision tower over the visual inputs of a whole pack
+(uint8 frames are normalised and patchified on the device), builds the packed input
+embeddings, and exposes the decoder pieces (layers, final norm, lm_head, rotary).
+Everything else in the engine is family-agnostic.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ class PreparedSample:
     input_ids: torch.Tensor  # (L,) long, host
     positions: torch.Tensor  # (P, L) long, host: the family's position ids (P = 3 for M-RoPE)
     next_position: int  # position of the first generated token
-    visual_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel tensors and grids, host
+    # pixel tensors (float patches, or lists of uint8 frames) and grids, on the host; pinned on CUDA
+    visual_inputs: dict[str, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict)
     num_visual_tokens: int = 0
     num_vision_patches: int = 0
     is_visual: torch.Tensor | None = None  # (L,) bool, host: which tokens are visual placeholders
+    on_device: dict[str, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict)  # uploads in flight
+    upload_done: object = None  # CUDA event the uploads finish with (None on CPU)
 
     @property
     def num_tokens(self) -> int:
@@ -52,9 +57,23 @@ class ModelAdapter:
     def __init__(self, model):
         self.model = model
 
+    @classmethod
+    def load_processor(cls, path_or_id, config):
+        """The family's processor, from the checkpoint's files."""
+        raise NotImplementedError
+
+    def check_processor(self, processor) -> None:
+        """Raise if `processor` belongs to another checkpoint (token ids, vocabulary, patch size)."""
+
+    def use_processor(self, processor) -> None:
+        """Learn what the device-side pixel path needs from the processor (normalisation)."""
+
     # -- host side ---------------------------------------------------------------------------------
     def prepare(self, sample: dict, index: int) -> PreparedSample:
         raise NotImplementedError
+
+    def start_upload(self, sample: PreparedSample) -> None:
+        """Start copying the sample's pixels to the device (overlapping the running step)."""
 
     # -- device side -------------------------------------------------------------------------------
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:

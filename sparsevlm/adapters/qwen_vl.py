@@ -1,13 +1,24 @@
-"""Qwen2-VL and Qwen2.5-VL: 3-D M-RoPE positions, image/video pad tokens, packed vision tower."""
+"""Qwen2-VL and Qwen2.5-VL: 3-D M-RoPE positions, image/video pad tokens, packed vision tower.
+
+The host half (`QwenVLPreparer`) validates a sample and computes its positions from the
+config alone, so the pipeline's CPU stage runs it; the adapter runs the device half.
+Pixels arrive either as the processor's float patches or as uint8 frames
+(`processor(..., return_frames=True)`), which are normalised and patchified on the device,
+bit for bit as the processor does it on the CPU.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
 
 from ..attention import VISION_ATTENTION_NAME, attention_implementation
-from ..preprocess import TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO
+from ..preprocess import (
+    IMAGE_PAD, TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, VIDEO_PAD, QwenVLProcessor, normalization_table, normalize_frames,
+    patchify)
 from .base import ModelAdapter, PreparedSample, VisualFeatures
 
 _VISUAL_KINDS = (  # (token type, pixel key, grid key, kind name)
@@ -16,34 +27,32 @@ _VISUAL_KINDS = (  # (token type, pixel key, grid key, kind name)
 )
 
 
-class QwenVLAdapter(ModelAdapter):
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+class QwenVLPreparer:
+    """One sample's host-side work: checks, token types, M-RoPE positions, pinned pixels."""
 
-    def __init__(self, model):
-        super().__init__(model)
-        inner = model.model
-        text = inner.language_model
-        self.visual = inner.visual
-        self.text_config = text.config
-        self.embed_tokens, self.layers, self.norm = text.embed_tokens, text.layers, text.norm
-        self.rotary_emb = text.rotary_emb
-        self.lm_head = model.lm_head
-        config = model.config
+    def __init__(self, config, get_rope_index=None):
+        self.config = config
         self.merge = config.vision_config.spatial_merge_size
-        self.token_ids = {TOKEN_TYPE_IMAGE: config.image_token_id, TOKEN_TYPE_VIDEO: config.video_token_id}
         vision = config.vision_config
+        self.patch_size, self.temporal_patch = vision.patch_size, vision.temporal_patch_size
         self.patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-        self.vocab_size = self.text_config.vocab_size
-        self._get_rope_index = inner.get_rope_index
+        self.token_ids = {TOKEN_TYPE_IMAGE: config.image_token_id, TOKEN_TYPE_VIDEO: config.video_token_id}
+        self.vocab_size = config.get_text_config().vocab_size
         self._uses_second_per_grid = config.model_type == "qwen2_5_vl"
-        self._compiled_blocks: torch.nn.ModuleList | None = None
+        if get_rope_index is None:  # transformers' own position code, on a weightless model
+            from transformers import AutoModel
 
-    def compile_vision(self) -> None:
-        """Compile each vision block (dynamic shapes); used only inside `encode_visual`, so the
-        model itself, and `model.generate`, stay as loaded."""
-        self._compiled_blocks = torch.nn.ModuleList(torch.compile(block, dynamic=True) for block in self.visual.blocks)
+            with torch.device("meta"):
+                get_rope_index = AutoModel.from_config(config).get_rope_index
+        self._get_rope_index = get_rope_index
 
-    def prepare(self, sample: dict, index: int) -> PreparedSample:
+    @classmethod
+    def from_pretrained(cls, path_or_id) -> "QwenVLPreparer":
+        from transformers import AutoConfig
+
+        return cls(AutoConfig.from_pretrained(path_or_id))
+
+    def prepare(self, sample: dict, index: int, pin: bool = False) -> PreparedSample:
         if not isinstance(sample, dict) and not hasattr(sample, "keys"):
             raise TypeError(f"sample {index}: expected the processor's output dict, got {type(sample).__name__}")
         if sample.get("input_ids") is None:
@@ -68,14 +77,14 @@ class QwenVLAdapter(ModelAdapter):
                              f"({self.vocab_size}); the tokenizer/processor does not belong to this model")
         token_types = torch.zeros_like(input_ids, dtype=torch.int32)
         is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
-        visual_inputs: dict[str, torch.Tensor] = {}
+        visual_inputs: dict = {}
         num_visual_tokens = num_patches = 0
         for token_type, pixel_key, grid_key, kind in _VISUAL_KINDS:
             is_kind = input_ids == self.token_ids[token_type]
             token_types[is_kind] = token_type
             is_visual |= is_kind
             n_tokens = int(is_kind.sum())
-            grid, pixels = sample.get(grid_key), sample.get(pixel_key)
+            grid = sample.get(grid_key)
             expected = int((torch.as_tensor(grid).prod(-1) // self.merge ** 2).sum()) if grid is not None else 0
             if n_tokens != expected:
                 raise ValueError(f"sample {index}: {n_tokens} {kind} pad tokens in input_ids but {grid_key} implies "
@@ -83,17 +92,15 @@ class QwenVLAdapter(ModelAdapter):
                                  f"expanded to grid_thw.prod() // {self.merge ** 2} tokens")
             if grid is None:
                 continue
-            grid = torch.as_tensor(grid).long().cpu()
-            if pixels is None or pixels.shape[0] != int(grid.prod(-1).sum()):
-                raise ValueError(f"sample {index}: {pixel_key} has {0 if pixels is None else pixels.shape[0]} "
-                                 f"patches but {grid_key} implies {int(grid.prod(-1).sum())}")
-            if pixels.shape[-1] != self.patch_dim:
-                raise ValueError(f"sample {index}: {pixel_key} has {pixels.shape[-1]} values per patch but the model's "
-                                 f"vision tower expects {self.patch_dim}; the processor does not belong to this "
-                                 "model (load both from the same checkpoint)")
-            visual_inputs[pixel_key], visual_inputs[grid_key] = pixels, grid
+            grid = torch.as_tensor(grid).long().cpu().reshape(-1, 3)
+            if f"{kind}_frames" in sample:
+                visual_inputs[f"{kind}_frames"] = self._check_frames(sample[f"{kind}_frames"], grid, kind, index, pin)
+            else:
+                visual_inputs[pixel_key] = self._check_patches(sample.get(pixel_key), grid, pixel_key, grid_key,
+                                                               index, pin)
+            visual_inputs[grid_key] = grid
             num_visual_tokens += n_tokens
-            num_patches += int(pixels.shape[0])
+            num_patches += int(grid.prod(-1).sum())
         rope_kwargs = {}
         if self._uses_second_per_grid and "video_grid_thw" in visual_inputs:
             seconds = sample.get("second_per_grid_ts")
@@ -109,21 +116,142 @@ class QwenVLAdapter(ModelAdapter):
                               num_visual_tokens=num_visual_tokens, num_vision_patches=num_patches,
                               is_visual=is_visual)
 
+    def _check_patches(self, pixels, grid, pixel_key: str, grid_key: str, index: int, pin: bool) -> torch.Tensor:
+        if pixels is None or pixels.shape[0] != int(grid.prod(-1).sum()):
+            raise ValueError(f"sample {index}: {pixel_key} has {0 if pixels is None else pixels.shape[0]} "
+                             f"patches but {grid_key} implies {int(grid.prod(-1).sum())}")
+        if pixels.shape[-1] != self.patch_dim:
+            raise ValueError(f"sample {index}: {pixel_key} has {pixels.shape[-1]} values per patch but the model's "
+                             f"vision tower expects {self.patch_dim}; the processor does not belong to this "
+                             "model (load both from the same checkpoint)")
+        pixels = torch.as_tensor(pixels)
+        return pixels.pin_memory() if pin else pixels
+
+    def _check_frames(self, frames, grid, kind: str, index: int, pin: bool) -> list[torch.Tensor]:
+        """uint8 (T, H, W, 3) per image (T = 1) or video, matching its grid row."""
+        frames = [torch.as_tensor(f) for f in frames]
+        if len(frames) != grid.shape[0]:
+            raise ValueError(f"sample {index}: {len(frames)} {kind} frame stacks but {grid.shape[0]} {kind} grids")
+        for item, (t, h, w) in zip(frames, grid.tolist()):
+            expected = (-(-item.shape[0] // self.temporal_patch) if item.dim() == 4 else None,
+                        h * self.patch_size, w * self.patch_size, 3)
+            if item.dtype != torch.uint8 or item.dim() != 4 or tuple(item.shape[1:]) != expected[1:] \
+                    or expected[0] != t:
+                raise ValueError(f"sample {index}: {kind} frames of {item.dtype} {tuple(item.shape)} do not match "
+                                 f"grid ({t}, {h}, {w}); give uint8 (T, {h * self.patch_size}, "
+                                 f"{w * self.patch_size}, 3) resized by this model's processor")
+        return [f.contiguous().pin_memory() if pin else f.contiguous() for f in frames]
+
+
+class QwenVLAdapter(ModelAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    def __init__(self, model):
+        super().__init__(model)
+        inner = model.model
+        text = inner.language_model
+        self.visual = inner.visual
+        self.text_config = text.config
+        self.embed_tokens, self.layers, self.norm = text.embed_tokens, text.layers, text.norm
+        self.rotary_emb = text.rotary_emb
+        self.lm_head = model.lm_head
+        self.device = self.lm_head.weight.device
+        self.preparer = QwenVLPreparer(model.config, inner.get_rope_index)
+        self.token_ids = self.preparer.token_ids
+        self.vocab_size = self.text_config.vocab_size
+        self._pixel_configs: dict[str, tuple] = {}  # kind -> (preprocess config, device normalisation table)
+        self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._compiled_blocks: torch.nn.ModuleList | None = None
+
+    @classmethod
+    def load_processor(cls, path_or_id, config) -> QwenVLProcessor:
+        return QwenVLProcessor.from_pretrained(path_or_id, model_type=config.model_type)
+
+    def check_processor(self, processor) -> None:
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            return
+        config = self.model.config
+        for token, expected in ((IMAGE_PAD, config.image_token_id), (VIDEO_PAD, config.video_token_id)):
+            found = tokenizer.convert_tokens_to_ids(token)
+            if found != expected:
+                raise ValueError(f"processor maps {token} to id {found} but the model expects {expected}: model and "
+                                 "processor come from different checkpoints (load both from the same path)")
+        if len(tokenizer) > self.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {self.vocab_size}: "
+                             "model and processor come from different checkpoints")
+
+    def use_processor(self, processor) -> None:
+        for kind, cfg in (("image", getattr(processor, "image_cfg", None)),
+                          ("video", getattr(processor, "video_cfg", None))):
+            if cfg is not None:
+                table = torch.from_numpy(normalization_table(cfg)).to(self.device)
+                self._pixel_configs[kind] = (cfg, table)
+
+    def prepare(self, sample: dict, index: int) -> PreparedSample:
+        return self.preparer.prepare(sample, index, pin=self.device.type == "cuda")
+
+    def start_upload(self, sample: PreparedSample) -> None:
+        """Copy the pixels on a side stream now, so the copy overlaps whatever the GPU is running."""
+        if self._upload_stream is None or sample.upload_done is not None:
+            return
+        with torch.cuda.stream(self._upload_stream):
+            for key, value in sample.visual_inputs.items():
+                if key.endswith("grid_thw"):
+                    continue
+                items = value if isinstance(value, list) else [value]
+                uploaded = [item.to(self.device, non_blocking=True) for item in items]
+                sample.on_device[key] = uploaded if isinstance(value, list) else uploaded[0]
+            sample.upload_done = torch.cuda.Event()
+            sample.upload_done.record(self._upload_stream)
+
+    def compile_vision(self) -> None:
+        """Compile each vision block (dynamic shapes); used only inside `encode_visual`, so the
+        model itself, and `model.generate`, stay as loaded."""
+        self._compiled_blocks = torch.nn.ModuleList(torch.compile(block, dynamic=True) for block in self.visual.blocks)
+
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         """One vision-tower call per kind over all images (videos) of the pack, varlen attention."""
         features = VisualFeatures()
-        device, dtype = self.lm_head.weight.device, self.visual.dtype
-        for token_type, pixel_key, grid_key, _ in _VISUAL_KINDS:
-            chosen = [s.visual_inputs for s in samples if pixel_key in s.visual_inputs]
+        if self._upload_stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            for sample in samples:
+                if sample.upload_done is not None:
+                    current.wait_event(sample.upload_done)
+        for token_type, pixel_key, grid_key, kind in _VISUAL_KINDS:
+            chosen = [s for s in samples if grid_key in s.visual_inputs]
             if not chosen:
                 continue
-            pixels = torch.cat([v[pixel_key] for v in chosen]).to(device=device, dtype=dtype, non_blocking=True)
-            grid = torch.cat([v[grid_key] for v in chosen])
-            grid = (grid.pin_memory() if device.type == "cuda" else grid).to(device, non_blocking=True)
+            pixels = torch.cat([self._patches(s, pixel_key, kind) for s in chosen])
+            grid = torch.cat([s.visual_inputs[grid_key] for s in chosen])
+            grid = (grid.pin_memory() if self.device.type == "cuda" else grid).to(self.device, non_blocking=True)
             with attention_implementation(self.visual.config, VISION_ATTENTION_NAME), self._vision_blocks():
                 output = self.visual(pixels, grid_thw=grid, sparsevlm_backend=backend)
             features.by_token_id[self.token_ids[token_type]] = output.pooler_output
         return features
+
+    def _patches(self, sample: PreparedSample, pixel_key: str, kind: str) -> torch.Tensor:
+        """The sample's patches of one kind on the device, in the tower's dtype: uploaded float
+        patches, or uint8 frames normalised and patchified here (equal to the processor's)."""
+        dtype = self.visual.dtype
+        source = sample.on_device or sample.visual_inputs
+        if pixel_key in sample.visual_inputs:
+            return self._mark_used(source[pixel_key]).to(device=self.device, dtype=dtype, non_blocking=True)
+        if kind not in self._pixel_configs:
+            raise ValueError(f"{kind} frames need the processor's normalisation; build the engine with a processor "
+                             "that has image_cfg / video_cfg")
+        cfg, table = self._pixel_configs[kind]
+        patches = []
+        for frames in source[f"{kind}_frames"]:
+            frames = self._mark_used(frames).to(self.device, non_blocking=True)
+            patches.append(patchify(normalize_frames(frames, table), cfg)[0].to(dtype))
+        return torch.cat(patches)
+
+    def _mark_used(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An upload made on the side stream is read on the current one: keep its memory until then."""
+        if self._upload_stream is not None and tensor.is_cuda:
+            tensor.record_stream(torch.cuda.current_stream(self.device))
+        return tensor
 
     @contextlib.contextmanager
     def _vision_blocks(self):

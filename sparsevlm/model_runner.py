@@ -1,0 +1,244 @@
+"""Runs the model for the engine: packed prefill (vision tower, pruning) and batched decode.
+
+Owns everything on the device: the attention backend, the KV pool (sized once, at start-up),
+the decode graphs (captured once) and the pinned staging of each decode step's inputs. The
+scheduler decides who runs; this module only runs them and reports each one's first or next
+token. One host sync per step: reading the chosen tokens. Timings come from CUDA events read
+after that sync, so measuring adds none.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .adapters import ModelAdapter
+from .attention import AttentionBackend, DecodeMeta, ForwardContext, PrefillMeta, route_text_attention
+from .config import EngineConfig, SparsityConfig
+from .decode_graphs import DecodeGraphs, DecodeInputs
+from .kv_cache import KVPool
+from .pruning.pack import PrunedPack
+from .pruning.schedule import budget_schedule, plan_sample, prefill_flops
+from .pruning.scoring import VisualScorer, rater_attention_ranks
+from .sampling import make_generator, select_tokens
+from .scheduler import Sequence, prompt_per_layer
+from .stats import split_time
+
+logger = logging.getLogger(__name__)
+CPU_CACHE_TOKENS = 1 << 16  # KV tokens per layer on CPU when EngineConfig.max_cache_tokens is unset
+
+
+class _Clock:
+    """Points on the device's timeline (CUDA events; host time on CPU), read after a sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
+
+
+class ModelRunner:
+    def __init__(self, adapter: ModelAdapter, config: EngineConfig):
+        self.adapter = adapter
+        self.config = config
+        self.device = adapter.lm_head.weight.device
+        self.dtype = adapter.lm_head.weight.dtype
+        self.backend = AttentionBackend.choose(self.device, config.attention_backend)
+        self.clock = _Clock(self.device)
+        route_text_attention(adapter.text_config)
+        if config.compile_vision and self.device.type == "cuda":
+            adapter.compile_vision()
+        self.pool = KVPool(self._pool_slots(), adapter.num_kv_heads, adapter.head_dim, self.dtype, self.device)
+        self.decode_inputs = DecodeInputs(adapter.num_layers)
+        self._members: tuple[int, ...] = ()  # request ids of the last decode batch, and its static columns
+        self._static: tuple[np.ndarray, np.ndarray] | None = None
+        self._pinned: dict[int, torch.Tensor] = {}  # decode input blocks by width (each step syncs before reuse)
+        self.graphs = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            largest = min(config.max_num_seqs, max(config.graph_batch_buckets))
+            self.graphs = DecodeGraphs(self, sorted({b for b in config.graph_batch_buckets if b < largest} | {largest}))
+            self.graphs.capture_all()
+
+    def _pool_slots(self) -> int:
+        layers = self.adapter.num_layers
+        if self.config.max_cache_tokens is not None:
+            return self.config.max_cache_tokens * layers
+        if self.device.type != "cuda":
+            return CPU_CACHE_TOKENS * layers
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_slot = KVPool.bytes_per_slot(self.adapter.num_kv_heads, self.adapter.head_dim, self.dtype)
+        slots = int(free * self.config.cache_memory_fraction) // per_slot
+        logger.info("KV pool: %d slots (%.1f GB, %d tokens per layer)", slots, slots * per_slot / 1e9,
+                    slots // layers)
+        return slots
+
+    # -- prefill -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, pack: list[Sequence]) -> list[int]:
+        """Vision tower, packed decoder pass with pruning, first token of each sequence."""
+        sparsity = pack[0].sparsity
+        for seq in pack:
+            seq.generator = make_generator(seq.params, self.device, seq.seed)
+        started = self.clock.mark()
+        samples = [seq.sample for seq in pack]
+        features = self.adapter.encode_visual(samples, self.backend)
+        vision_done = self.clock.mark()
+        stream = PrunedPack(samples, [seq.plan for seq in pack], self.device)
+        input_ids = self._to_device(torch.cat([s.input_ids for s in samples]))
+        positions = self._to_device(torch.cat([s.positions for s in samples], dim=1))
+        layer_starts = self._to_device(torch.tensor([seq.block.layer_starts for seq in pack], dtype=torch.long).T)
+        hidden = self.adapter.embed(input_ids, features)  # T, H
+        scorer, sparse_spans = None, []
+        if stream.pruning_layers:
+            sparse_spans.append(self.clock.mark())
+            scorer = VisualScorer(sparsity, samples, stream, hidden,
+                                  self.adapter.rope_tables() if sparsity.method == "sparsevlm_v2" else None)
+            sparse_spans.append(self.clock.mark())
+        rotary = self.adapter.rotary(hidden[None], positions)
+        ctx = ForwardContext(self.pool, self.backend)
+        for layer_idx, layer in enumerate(self.adapter.layers):
+            ctx.prefill = PrefillMeta(
+                cu_seqlens=stream.cu_seqlens, cu_seqlens_list=stream.offsets, max_seqlen=stream.max_length,
+                slot_mapping=stream.slot_mapping(layer_starts[layer_idx]),
+                capture=layer_idx in stream.pruning_layers and sparsity.method != "random")
+            hidden = self._layer(layer, hidden[None], rotary, ctx)[0]
+            if layer_idx in stream.pruning_layers:
+                sparse_spans.append(self.clock.mark())
+                q, k = ctx.prefill.captured or (None, None)
+                vis_rows = stream.visual_rows()
+                scores = scorer.scores(stream, vis_rows, q, k, positions, self.adapter.attention_scale)
+                if sparsity.rank_adaptive:
+                    self._adapt_keeps(pack, stream, layer_idx, scorer.weights, q, k, sparsity)
+                hidden, positions, rotary = stream.prune(layer_idx, scores, vis_rows, hidden, positions, rotary)
+                sparse_spans.append(self.clock.mark())
+        last = stream.cu_seqlens[1:].long() - 1
+        logits = self.adapter.lm_head(self.adapter.norm(hidden[last])).float()
+        finished = self.clock.mark()
+        tokens = select_tokens(logits, [seq.params for seq in pack], [seq.generator for seq in pack]).tolist()
+        kept_positions = stream.kept_visual_positions()
+        sparse_total = sum(self.clock.ms(a, b) for a, b in zip(sparse_spans[::2], sparse_spans[1::2]))
+        vision_ms = split_time(self.clock.ms(started, vision_done), [s.num_vision_patches for s in samples])
+        prefill_ms = split_time(self.clock.ms(vision_done, finished), [s.num_tokens for s in samples])
+        sparse_ms = split_time(sparse_total, [s.num_tokens for s in samples])
+        for seq, v_ms, p_ms, s_ms, kept in zip(pack, vision_ms, prefill_ms, sparse_ms, kept_positions):
+            seq.stats.vision_ms += v_ms
+            seq.stats.prefill_ms += p_ms
+            seq.stats.sparse_ms += s_ms
+            seq.stats.kept_visual_positions = kept
+            self._fill_plan_stats(seq)
+        return tokens
+
+    def _fill_plan_stats(self, seq: Sequence) -> None:
+        stats, plan, sample = seq.stats, seq.plan, seq.sample
+        stats.n_prompt_tokens = sample.num_tokens
+        stats.n_visual_tokens = sample.num_visual_tokens
+        stats.method = seq.sparsity.label
+        stats.n_visual_tokens_kept = plan.final_visual
+        stats.kept_per_pruning_layer = {step.layer: step.keep + step.n_clusters for step in plan.steps}
+        stats.equiv_visual_tokens = plan.equivalent_visual_tokens
+        text = sample.num_tokens - sample.num_visual_tokens
+        stats.prefill_flops = prefill_flops(self.adapter.text_config, text, plan.visual_per_layer)
+        stats.prefill_flops_dense = prefill_flops(self.adapter.text_config, text,
+                                                  (sample.num_visual_tokens,) * self.adapter.num_layers)
+
+    def _adapt_keeps(self, pack: list[Sequence], stream: PrunedPack, layer: int, weights: torch.Tensor,
+                     q: torch.Tensor, k: torch.Tensor, sparsity: SparsityConfig) -> None:
+        """Rank-adaptive SparseVLM: keep floor(scale * rank(R) + bias) at this layer, at most the
+        budget's count (the budget sized the KV block, so it stays an upper bound)."""
+        ranks = rater_attention_ranks(stream, weights, q, k, self.adapter.attention_scale)
+        for index, (seq, rank) in enumerate(zip(pack, ranks)):
+            layers = [step.layer for step in seq.plan.steps]
+            if layer not in layers:
+                continue
+            position = layers.index(layer)
+            budget = [keep for _, keep in budget_schedule(sparsity, self.adapter.num_layers,
+                                                          seq.sample.num_visual_tokens)]
+            keeps = [step.keep for step in seq.plan.steps[:position]]
+            keeps.append(min(budget[position], max(1, int(sparsity.rank_scale * rank + sparsity.rank_bias))))
+            plan = plan_sample(sparsity, self.adapter.num_layers, seq.sample.num_visual_tokens,
+                               keeps=keeps + budget[position + 1:])
+            if any(new > old for new, old in zip(plan.visual_per_layer, seq.plan.visual_per_layer)):
+                raise RuntimeError("rank-adaptive plan outgrew the KV block sized for its budget")  # cannot happen
+            seq.plan = plan
+            stream.replan(index, plan)
+
+    # -- decode --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, batch: list[Sequence]) -> list[int]:
+        """One new token for every sequence of `batch` (each has its last token committed)."""
+        started = time.perf_counter()
+        block = self._decode_block(batch)
+        if self.graphs is not None and self.graphs.fits(len(batch)):
+            logits = self.graphs.run(block, len(batch))
+        else:
+            logits = self.decode_logits(*self.decode_inputs.views(self._to_device(block)))
+        tokens = select_tokens(logits.float(), [s.params for s in batch], [s.generator for s in batch]).tolist()
+        step_ms = 1e3 * (time.perf_counter() - started)  # .tolist() synchronised the device
+        for seq in batch:
+            seq.stats.decode_ms += step_ms / len(batch)
+        return tokens
+
+    def _decode_block(self, batch: list[Sequence]) -> torch.Tensor:
+        """The step's (2 + 3L, B or its bucket) int64 inputs on the host (pinned on CUDA)."""
+        members = tuple(seq.request_id for seq in batch)
+        layers = self.adapter.num_layers
+        if members != self._members:  # first slots and prompt lengths change only with membership
+            starts = np.array([seq.block.layer_starts for seq in batch], dtype=np.int64).T  # L, B
+            prompts = np.array([prompt_per_layer(seq.sample, seq.plan) for seq in batch], dtype=np.int64).T
+            self._members, self._static = members, (starts, prompts)
+        starts, prompts = self._static
+        width = self.graphs.bucket(len(batch)) if self.graphs is not None and self.graphs.fits(len(batch)) \
+            else len(batch)
+        tensor = self._host_block(width)
+        block = tensor.numpy()
+        if width > len(batch):
+            block[:, len(batch):] = np.asarray(self.decode_inputs.padding(self.pool.spare_slot))[:, None]
+        generated = np.fromiter((len(seq.tokens) for seq in batch), dtype=np.int64, count=len(batch))
+        lengths = prompts + generated[None, :]  # the new token included
+        n = len(batch)
+        block[0, :n] = [seq.tokens[-1] for seq in batch]
+        block[1, :n] = [seq.sample.next_position + len(seq.tokens) - 1 for seq in batch]
+        block[2:2 + layers, :n] = starts + lengths - 1
+        block[2 + layers:2 + 2 * layers, :n] = starts
+        block[2 + 2 * layers:, :n] = lengths
+        return tensor
+
+    def _host_block(self, width: int) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.empty((self.decode_inputs.num_rows, width), dtype=torch.long)
+        if width not in self._pinned:
+            self._pinned[width] = torch.empty((self.decode_inputs.num_rows, width), dtype=torch.long).pin_memory()
+        return self._pinned[width]
+
+    def decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                      starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One decode step on device tensors -> logits (B, V). tokens, positions (B,); slots,
+        starts, lengths (L, B) per layer. Graph-capturable: no host syncs."""
+        hidden = self.adapter.embed_tokens(tokens)[None]  # 1, B, H
+        rotary = self.adapter.rotary(hidden, self.adapter.decode_positions(positions))
+        ctx = ForwardContext(self.pool, self.backend, decode=DecodeMeta(slot_mapping=slots, starts=starts,
+                                                                        lengths=lengths))
+        for layer in self.adapter.layers:
+            hidden = self._layer(layer, hidden, rotary, ctx)
+        return self.adapter.lm_head(self.adapter.norm(hidden[0]))
+
+    @staticmethod
+    def _layer(layer, hidden: torch.Tensor, rotary, ctx: ForwardContext) -> torch.Tensor:
+        return layer(hidden, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                     position_embeddings=rotary, sparsevlm_ctx=ctx)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
