@@ -83,7 +83,10 @@ def sample_indices(num_frames_in_video: int, average_fps: float, num_frames: int
                    max_frames: int) -> np.ndarray:
     """Uniform `num_frames` over the video, or one frame every 1/fps seconds; at most
     `max_frames` and never a frame twice (a repeat costs visual tokens and shows nothing new);
-    an even count (Qwen-VL groups frames in pairs)."""
+    an even count (Qwen-VL groups frames in pairs), except for a one-frame video: its one frame
+    (the processor repeats it up to the temporal patch, as transformers' does)."""
+    if num_frames_in_video == 1:
+        return np.zeros(1, dtype=np.int64)
     if fps is not None:
         step = max(average_fps / fps, 1.0)
         indices = np.arange(0, num_frames_in_video, step)
@@ -108,12 +111,13 @@ def decode_video(data: bytes, num_frames: int, fps: float | None, max_frames: in
         average_fps = float(reader.get_avg_fps()) or 1.0
     except Exception as error:  # decord raises its own DECORDError and RuntimeError variants
         raise MediaError(f"not a video decord can read: {str(error).splitlines()[0][:200]}") from None
-    if total < 2:
-        raise MediaError(f"video has {total} frame(s); at least 2 are needed")
+    if total < 1:
+        raise MediaError("video has no frames")
     indices = sample_indices(total, average_fps, num_frames, fps, max_frames)
     try:
         frames = reader.get_batch(list(indices)).asnumpy()
     except Exception as error:
         raise MediaError(f"video decoding failed (truncated?): {str(error).splitlines()[0][:200]}") from None
     span_s = max(float(indices[-1] - indices[0]), 1.0) / average_fps
-    return Frames([Image.fromarray(frame) for frame in frames], fps=(len(indices) - 1) / span_s)
+    fps = (len(indices) - 1) / span_s if len(indices) > 1 else average_fps
+    return Frames([Image.fromarray(frame) for frame in frames], fps=fps)

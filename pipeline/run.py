@@ -144,14 +144,16 @@ def actor_sizes(config: JobConfig, rows_to_do: int, gpus: int, cpus: int) -> Act
 
 def run_job(config: JobConfig, kind: str) -> Plan:
     """Run the job to completion; returns its plan (the caller summarises the output)."""
+    import os
+
     import ray
 
+    from .faults import INJECT_ENV, FaultLedger
     from .predict import Predictor
     from .preprocess import Preprocessor
 
     plan = plan_job(config, kind)
     ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
-    job = config.model_dump()
     id_column = config.input.id_column
     dataset = ray.data.read_parquet(plan.input_uri)
     if config.input.limit:
@@ -167,16 +169,23 @@ def run_job(config: JobConfig, kind: str) -> Plan:
     sizes = actor_sizes(config, plan.n_input - plan.n_done, int(resources.get("GPU", 0)),
                         int(resources.get("CPU", 1)))
     model_name = EMBEDDED_NAMES.get(plan.model_path, plan.model_path)
-    # Blocks of one engine batch: rows stream through both stages and each written file is one
+    ledger = ray.remote(FaultLedger).options(num_cpus=0).remote()  # device faults per id, across restarts
+    in_flight = config.resources.batches_in_flight
+    gpu_env = {"env_vars": {INJECT_ENV: os.environ[INJECT_ENV]}} if os.environ.get(INJECT_ENV) else None
+    # Blocks of one Ray batch: rows stream through both stages and each written file is one
     # batch, so a killed run loses at most the batches in flight.
     dataset = (dataset.map_batches(not_skipped, batch_format="pyarrow")
                .repartition(target_num_rows_per_block=config.resources.batch_size)
-               .map_batches(Preprocessor, fn_constructor_args=(plan.model_path, kind, job), batch_size=PREPROCESS_BATCH,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sizes.cpu_actors),
-                            num_cpus=sizes.actor_cpus)
-               .map_batches(Predictor, fn_constructor_args=(plan.model_path, model_name, job),
-                            batch_size=config.resources.batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=sizes.gpu_actors),
-                            num_gpus=1 if sizes.use_gpu else 0, num_cpus=sizes.actor_cpus))
+               .map_batches(Preprocessor, fn_constructor_args=(plan.model_path, kind, config.input, config.media,
+                                                               config.generation),
+                            batch_size=PREPROCESS_BATCH, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=sizes.cpu_actors), num_cpus=sizes.actor_cpus)
+               .map_batches(Predictor, fn_constructor_args=(plan.model_path, model_name, config.model, config.sparsity,
+                                                            config.generation, config.resources, ledger),
+                            batch_size=config.resources.batch_size, batch_format="pyarrow", zero_copy_batch=True,
+                            compute=ray.data.ActorPoolStrategy(size=sizes.gpu_actors,
+                                                               max_tasks_in_flight_per_actor=in_flight),
+                            max_concurrency=in_flight, num_gpus=1 if sizes.use_gpu else 0,
+                            num_cpus=sizes.actor_cpus, **({"runtime_env": gpu_env} if gpu_env else {})))
     dataset.write_parquet(plan.output_uri)
     return plan

@@ -90,7 +90,10 @@ class ResourcesConfig(_Section):
     use_gpu: bool | None = Field(None, description="engines on GPUs: default if the cluster has GPUs when the job "
                                                    "starts; true on autoscaling clusters whose GPU workers come later")
     cpu_actors: int = Field(2, ge=1, description="decode/preprocess actors")
-    batch_size: int = Field(64, ge=1, description="rows per engine call (the engine packs inside it)")
+    batch_size: int = Field(64, ge=1, description="rows per Ray batch handed to an engine (and per output file)")
+    batches_in_flight: int = Field(4, ge=1, description="Ray batches each engine holds at once; their samples "
+                                                        "feed one continuously batched engine, so it never waits")
+    max_num_seqs: int = Field(128, ge=1, description="samples an engine decodes together (more wait for a seat)")
     warmup: bool = Field(False, description="run each GPU actor's first batch twice and keep the second, so that "
                                             "compilation and CUDA-graph capture stay out of the timings")
 

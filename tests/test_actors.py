@@ -1,12 +1,14 @@
-"""Actor sizing and the GPU actor's warm-up and timing columns, without Ray (plain classes)."""
+"""Actor sizing and the stages' actors (warm-up, timing columns, what crosses the boundary), without Ray."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.media import decode_image
 from pipeline.model_source import TINY_MODEL
 from pipeline.predict import Predictor
 from pipeline.preprocess import Preprocessor
@@ -33,20 +35,48 @@ def test_autoscaling_clusters_get_gpus_and_the_configured_cpu_actors():
     assert not plain.use_gpu and plain.cpu_actors == 1 and plain.actor_cpus == 0.5
 
 
+def _call(predictor, stage: pa.Table) -> pa.Table:
+    async def collect():
+        return [table async for table in predictor(stage)]
+
+    (table,) = asyncio.run(collect())
+    return table
+
+
 def test_warmup_runs_the_first_batch_twice_and_times_the_second():
-    job = JobConfig.load(overrides={"generation.max_new_tokens": 2, "resources.warmup": True}).model_dump()
+    config = JobConfig.load(overrides={"generation.max_new_tokens": 2, "resources.warmup": True})
     photos = pq.read_table(SAMPLES / "images.parquet").slice(0, 2)
-    stage = Preprocessor(TINY_MODEL, "image", job)(photos)
-    predictor = Predictor(TINY_MODEL, "tiny", job)
+    stage = Preprocessor(TINY_MODEL, "image", config.input, config.media, config.generation)(photos)
+    predictor = Predictor(TINY_MODEL, "tiny", config.model, config.sparsity, config.generation, config.resources)
     calls = []
-    generate = predictor.engine.generate
-    predictor.engine.generate = lambda samples, params: calls.append(len(samples)) or generate(samples, params)
-    first = predictor(stage)
-    second = predictor(stage)
-    assert calls == [2, 2, 2]  # warm-up + timed, then timed only
+    submit = predictor.loop.submit
+    predictor.loop.submit = lambda sample, params: calls.append(sample.index) or submit(sample, params)
+    first = _call(predictor, stage)
+    second = _call(predictor, stage)
+    assert calls == [0, 1, 0, 1, 0, 1]  # warm-up + timed, then timed only
     for out in (first, second):
         rows = out.to_pylist()
         assert all(r["started_at"] <= r["finished_at"] and r["device"] == "cpu" for r in rows)
         assert all(r["peak_gpu_memory_mb"] is None and r["error"] is None for r in rows)
-    assert first.column("finished_at")[0].as_py() <= second.column("started_at")[0].as_py()
+    assert max(first.column("finished_at").to_pylist()) <= second.column("started_at")[0].as_py()
     assert isinstance(first, pa.Table) and first.column("batch").to_pylist() == [1, 1]
+    predictor.loop.close()
+
+
+def test_the_gpu_stage_rebuilds_the_cpu_stage_sample_exactly():
+    """uint8 frames and positions through Arrow: the engine answers as it does on the processor's own output."""
+    config = JobConfig.load(overrides={"generation.max_new_tokens": 5, "generation.task": "caption"})
+    photos = pq.read_table(SAMPLES / "images.parquet").slice(0, 3)
+    stage = Preprocessor(TINY_MODEL, "image", config.input, config.media, config.generation)(photos)
+    predictor = Predictor(TINY_MODEL, "tiny", config.model, config.sparsity, config.generation, config.resources)
+    out = _call(predictor, stage).to_pylist()
+    engine = predictor.engine
+    processor = engine.processor
+    for row, data in zip(out, photos.column("image").to_pylist()):
+        image = decode_image(data, 10**8)
+        content = [{"type": "image"}, {"type": "text", "text": row["prompt"]}]
+        sample = processor(text=[processor.apply_chat_template([{"role": "user", "content": content}])],
+                           images=[image])
+        alone = engine.generate([sample], predictor.params)[0]
+        assert row["output"] == alone.text and row["n_generated_tokens"] == len(alone.token_ids)
+    predictor.loop.close()

@@ -101,16 +101,32 @@ def test_sample_indices_are_even_and_bounded():
     assert sample_indices(8, 4.0, 16, None, max_frames=64).tolist() == list(range(8))  # all of a short video
 
 
-@pytest.mark.parametrize("case", ["zero-bytes", "corrupt", "truncated", "one-frame"])
+@pytest.mark.parametrize("case", ["zero-bytes", "corrupt", "truncated"])
 def test_bad_videos_say_why(case, video_bytes):
     data, reason = {
         "zero-bytes": (b"", "empty file"),
         "corrupt": (b"\x00\x01garbage" * 50, "not a video"),
         "truncated": (video_bytes[: len(video_bytes) // 3], "not a video|decoding failed|frame"),
-        "one-frame": ((DATA / "one_frame.mp4").read_bytes(), "1 frame"),
     }[case]
     with pytest.raises(MediaError, match=reason):
         decode_video(data, num_frames=8, fps=None, max_frames=64)
+
+
+def test_a_one_frame_video_is_its_frame_repeated_up_to_the_temporal_patch(tiny_checkpoints):
+    """As transformers' video processor does it: one temporal patch of the frame twice."""
+    from sparsevlm.preprocess import QwenVLProcessor, normalization_table, normalize_frames, resize_frame
+
+    video = decode_video((DATA / "one_frame.mp4").read_bytes(), num_frames=8, fps=None, max_frames=64)
+    assert len(video.images) == 1 and video.fps > 0
+    processor = QwenVLProcessor.from_pretrained(tiny_checkpoints["qwen2_5_vl"])
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}])
+    sample = processor(text=[prompt], videos=[video.images], video_fps=video.fps)
+    t, h, w = sample["video_grid_thw"][0].tolist()
+    assert t == 1
+    frame = resize_frame(video.images[0], (h * 14, w * 14))
+    twice = normalize_frames(np.stack([frame, frame]), normalization_table(processor.video_cfg))  # 2, C, H, W
+    first_patch = twice[:, :, :14, :14].transpose(1, 0, 2, 3).reshape(-1)  # C, tp, p, p as the tower reads it
+    assert np.array_equal(sample["pixel_values_videos"][0].numpy(), first_patch)
 
 
 def test_our_pixel_limit_applies_below_pillows():

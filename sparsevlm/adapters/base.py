@@ -62,6 +62,12 @@ class ModelAdapter:
         """The family's processor, from the checkpoint's files."""
         raise NotImplementedError
 
+    @classmethod
+    def load_preparer(cls, config):
+        """The host half alone (an object with `prepare(sample, index) -> PreparedSample`), from the
+        config only: what a CPU stage runs so the engine's actor redoes no per-sample work."""
+        raise NotImplementedError
+
     def check_processor(self, processor) -> None:
         """Raise if `processor` belongs to another checkpoint (token ids, vocabulary, patch size)."""
 

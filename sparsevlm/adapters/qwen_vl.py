@@ -10,8 +10,6 @@ bit for bit as the processor does it on the CPU.
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 
@@ -101,6 +99,22 @@ class QwenVLPreparer:
             visual_inputs[grid_key] = grid
             num_visual_tokens += n_tokens
             num_patches += int(grid.prod(-1).sum())
+        positions = self._positions(sample, input_ids, token_types, visual_inputs, index)
+        return PreparedSample(index=index, input_ids=input_ids, positions=positions,
+                              next_position=int(positions.max()) + 1, visual_inputs=visual_inputs,
+                              num_visual_tokens=num_visual_tokens, num_vision_patches=num_patches,
+                              is_visual=is_visual)
+
+    def _positions(self, sample: dict, input_ids, token_types, visual_inputs: dict, index: int) -> torch.Tensor:
+        """(3, L) M-RoPE positions: transformers' own `get_rope_index`, unless the sample carries
+        them already (`position_ids`, computed by this preparer on a pipeline's CPU stage)."""
+        given = sample.get("position_ids")
+        if given is not None:
+            positions = torch.as_tensor(given).long().reshape(3, -1)
+            if positions.shape[1] != input_ids.shape[0]:
+                raise ValueError(f"sample {index}: position_ids has {positions.shape[1]} positions for "
+                                 f"{input_ids.shape[0]} tokens")
+            return positions
         rope_kwargs = {}
         if self._uses_second_per_grid and "video_grid_thw" in visual_inputs:
             seconds = sample.get("second_per_grid_ts")
@@ -110,11 +124,7 @@ class QwenVLPreparer:
             input_ids[None], mm_token_type_ids=token_types[None],
             image_grid_thw=visual_inputs.get("image_grid_thw"), video_grid_thw=visual_inputs.get("video_grid_thw"),
             **rope_kwargs)
-        positions = positions[:, 0]
-        return PreparedSample(index=index, input_ids=input_ids, positions=positions,
-                              next_position=int(positions.max()) + 1, visual_inputs=visual_inputs,
-                              num_visual_tokens=num_visual_tokens, num_vision_patches=num_patches,
-                              is_visual=is_visual)
+        return positions[:, 0]
 
     def _check_patches(self, pixels, grid, pixel_key: str, grid_key: str, index: int, pin: bool) -> torch.Tensor:
         if pixels is None or pixels.shape[0] != int(grid.prod(-1).sum()):
@@ -166,6 +176,10 @@ class QwenVLAdapter(ModelAdapter):
     @classmethod
     def load_processor(cls, path_or_id, config) -> QwenVLProcessor:
         return QwenVLProcessor.from_pretrained(path_or_id, model_type=config.model_type)
+
+    @classmethod
+    def load_preparer(cls, config) -> QwenVLPreparer:
+        return QwenVLPreparer(config)
 
     def check_processor(self, processor) -> None:
         tokenizer = getattr(processor, "tokenizer", None)
