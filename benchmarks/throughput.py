@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import HF_BEST_BATCH, WORKLOADS, device_for, load_model, make_samples, stack_identical  # noqa: E402
+from workloads import (  # noqa: E402
+    HF_BEST_BATCH, MIXED, WORKLOADS, device_for, load_model, make_mixed_samples, make_samples, stack_identical)
 
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 
@@ -76,23 +77,34 @@ def run_hf(model, sample: dict, batch_size: int, max_new_tokens: int, repeats: i
             "samples_per_s": batch_size / seconds, "peak_memory_gb": peak_memory_gb(device)}
 
 
-def run_engine(engine: VLMEngine, samples: list[dict], max_new_tokens: int, repeats: int,
-               sparsity: SparsityConfig) -> dict:
-    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], repeats: int,
+               sparsity: SparsityConfig, static_batch: int | None = None) -> dict:
+    """Continuous batching (one generate call), or `static_batch`: groups of that many samples,
+    each group run to its slowest sample's end before the next starts (the old engine)."""
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in new_tokens]
+    groups = [range(len(samples))] if not static_batch else \
+        [range(i, min(i + static_batch, len(samples))) for i in range(0, len(samples), static_batch)]
+
+    def run():
+        return [r for g in groups for r in engine.generate([samples[i] for i in g], [params[i] for i in g],
+                                                           sparsity=sparsity)]
     reset_peak(engine.device)
-    seconds, results = timed(lambda: engine.generate(samples, params, sparsity=sparsity), engine.device, repeats)
+    seconds, results = timed(run, engine.device, repeats)
     stats = [r.stats for r in results]
-    assert all(s.n_generated_tokens == max_new_tokens for s in stats)
+    assert [s.n_generated_tokens for s in stats] == list(new_tokens)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     prefill_s = sum(s.prefill_ms for s in stats) / 1e3
-    return {"system": f"engine_{sparsity.label}", "method": sparsity.label, "batch_size": len(samples),
+    batching = f"static-{static_batch}" if static_batch else "continuous"
+    return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else ""), "method": sparsity.label,
+            "batching": batching, "batch_size": len(samples),
             "seconds": seconds, "samples_per_s": len(samples) / seconds,
             "peak_memory_gb": peak_memory_gb(engine.device),
             "vision_s": sum(s.vision_ms for s in stats) / 1e3, "prefill_s": prefill_s,
             "sparse_s": sum(s.sparse_ms for s in stats) / 1e3,
             "sparse_share_of_prefill": sum(s.sparse_ms for s in stats) / 1e3 / prefill_s,
             "decode_s": sum(s.decode_ms for s in stats) / 1e3,
-            "n_prompt_tokens": stats[0].n_prompt_tokens, "n_visual_tokens": stats[0].n_visual_tokens,
+            "n_prompt_tokens": mean([s.n_prompt_tokens for s in stats]),
+            "n_visual_tokens": mean([s.n_visual_tokens for s in stats]),
             "n_visual_tokens_kept_mean": mean([s.n_visual_tokens_kept for s in stats]),
             "equiv_visual_tokens_mean": mean([s.equiv_visual_tokens for s in stats]),
             "prefill_flops_ratio": sum(s.prefill_flops for s in stats) / sum(s.prefill_flops_dense for s in stats),
@@ -124,6 +136,8 @@ def main() -> None:
     parser.add_argument("--methods", default="none,sparsevlm-128",
                         help="engine configurations: none, METHOD-PRESET or METHOD-rRATIO, comma separated")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--static-batch", type=int, default=64, help="on `mixed`, also run static batching in "
+                        "groups of this many (0: skip), beside continuous batching with as many seats")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-compile-vision", action="store_true")
     parser.add_argument("--json", type=Path, help="write results here")
@@ -132,17 +146,26 @@ def main() -> None:
     tiny = args.model == "tiny"
     device = device_for(args.model)
     model, processor = load_model(args.model, str(device))
+    seats = args.static_batch if args.static_batch and MIXED in args.workloads.split(",") else 128
     engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
-                                                                    compile_vision=not args.no_compile_vision))
+                                                                    compile_vision=not args.no_compile_vision,
+                                                                    max_num_seqs=seats))
     methods = [parse_method(m) for m in args.methods.split(",")]
     rows = []
     for name in args.workloads.split(","):
-        workload = WORKLOADS[name]
         n = args.num_samples or (16 if tiny else (128 if name.startswith("vqa") else 64))
-        samples = make_samples(processor, workload, n, args.model)
+        if name == MIXED:
+            samples, new_tokens = make_mixed_samples(processor, n if args.num_samples else (24 if tiny else 256),
+                                                     args.model)
+            n = len(samples)
+            workload = None
+        else:
+            workload = WORKLOADS[name]
+            samples = make_samples(processor, workload, n, args.model)
+            new_tokens = [workload.max_new_tokens] * n
         sizes = args.hf_batch_sizes if args.hf_batch_sizes is not None else \
             ("1,4" if tiny else str(HF_BEST_BATCH[name]))
-        for batch_size in [int(b) for b in sizes.split(",") if b]:
+        for batch_size in [int(b) for b in sizes.split(",") if b and workload is not None]:
             row = run_hf(model, samples[0], batch_size, workload.max_new_tokens, args.repeats, device)
             rows.append({"workload": name, **row})
             print(f"{name:<13} hf_generate  batch {batch_size:>4}: {row['samples_per_s']:8.2f} samples/s", flush=True)
@@ -150,8 +173,16 @@ def main() -> None:
                       default=None)
         dense = None
         for sparsity in methods:
-            row = run_engine(engine, samples, workload.max_new_tokens, args.repeats, sparsity)
+            if name == MIXED and args.static_batch:
+                row = run_engine(engine, samples, new_tokens, args.repeats, sparsity, static_batch=args.static_batch)
+                rows.append({"workload": name, **row})
+                print(f"{name:<13} {row['system']:<22} batch {n:>4}: {row['samples_per_s']:8.2f} samples/s",
+                      flush=True)
+            row = run_engine(engine, samples, new_tokens, args.repeats, sparsity)
             dense = row["samples_per_s"] if sparsity.method == "none" else dense
+            static = [r for r in rows if r["workload"] == name and r.get("batching", "").startswith("static")
+                      and r["method"] == sparsity.label]
+            row["speedup_vs_static"] = row["samples_per_s"] / static[-1]["samples_per_s"] if static else None
             row["speedup_vs_hf_best"] = row["samples_per_s"] / hf_best if hf_best else None
             row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense if dense else None
             rows.append({"workload": name, **row})
@@ -170,10 +201,11 @@ def main() -> None:
               f"{fmt(row.get('speedup_vs_hf_best'), '>9.2f')}x {fmt(row.get('speedup_vs_engine_dense'), '>7.2f')}x "
               f"{fmt(None if share is None else 100 * share, '>8.2f')} {fmt(row['peak_memory_gb'], '>8.1f')}")
     write_report(args, device, rows)
+    rounded = lambda value: value and round(value, 2)  # noqa: E731
     print(json.dumps({"summary": {f"{r['workload']} {r['method']}": {
-        "vs_hf_best": r["speedup_vs_hf_best"] and round(r["speedup_vs_hf_best"], 2),
-        "vs_engine_dense": r["speedup_vs_engine_dense"] and round(r["speedup_vs_engine_dense"], 2)}
-        for r in rows if r["system"] != "hf_generate"}}))
+        "vs_hf_best": rounded(r["speedup_vs_hf_best"]), "vs_engine_dense": rounded(r["speedup_vs_engine_dense"]),
+        "vs_static_batching": rounded(r["speedup_vs_static"])}
+        for r in rows if r.get("batching") == "continuous"}}))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ WORKLOADS = {w.name: w for w in [
     Workload("caption-1024", 896, 0, 128),
     Workload("video-16f", 448, 16, 64),
 ]}
+MIXED = "mixed"  # a ragged mix of the fixed workloads' media, 3..128 new tokens each (BENCHMARKS.md)
 # HF generate's best batch per workload on the H100 (BENCHMARKS.md anchors): its baseline.
-HF_BEST_BATCH = {"vqa-256": 64, "vqa-1024": 16, "caption-1024": 16, "video-16f": 16}
+HF_BEST_BATCH = {"vqa-256": 64, "vqa-1024": 16, "caption-1024": 16, "video-16f": 16, MIXED: 16}
 TINY_SCALE = 4  # the tiny model sees images 4x smaller per side (16x fewer visual tokens)
 
 QUESTION = ("Look carefully at the picture and answer the question about the objects, their colours, their "
@@ -107,6 +108,16 @@ def make_samples(processor, workload: Workload, count: int, model_name: str, fir
     """`count` samples with seeds first_seed.., images shrunk TINY_SCALE x for the tiny model."""
     scale = TINY_SCALE if model_name == "tiny" else 1
     return [make_sample(processor, workload, seed=first_seed + i, scale=scale) for i in range(count)]
+
+
+def make_mixed_samples(processor, count: int, model_name: str, seed: int = 0) -> tuple[list[dict], list[int]]:
+    """`count` samples drawn from vqa-256 / vqa-1024 / video-16f media, and each one's new tokens (3..128)."""
+    rng = np.random.default_rng(seed)
+    kinds = [WORKLOADS[name] for name in ("vqa-256", "vqa-1024", "video-16f")]
+    scale = TINY_SCALE if model_name == "tiny" else 1
+    samples = [make_sample(processor, kinds[int(rng.integers(len(kinds)))], seed=seed * 100_003 + i, scale=scale)
+               for i in range(count)]
+    return samples, [int(n) for n in rng.integers(3, 129, count)]
 
 
 def stack_identical(sample: dict, batch_size: int) -> dict:
