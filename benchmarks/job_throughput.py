@@ -174,6 +174,8 @@ def main() -> None:
                          "engine_busy_share": busy_s / (figures.get("span_s") or float("inf")) / actors,
                          "per_engine": {w: {k: m[k] for k in ("succeeded", "span_s", "samples_per_s")}
                                         for w, m in per_engine.items()}})
+            if args.json:  # after every run: a call cut short still leaves its numbers
+                args.json.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "runs": runs}, indent=2))
             print(f"{method}, {actors} engine(s): {job_rate:.2f} rows/s over the engines' span "
                   f"({figures.get('span_s', 0):.1f}s; {runs[-1]['job_vs_engine_alone']:.0%} of the engine alone, "
                   f"busy {runs[-1]['engine_busy_share']:.0%}), job {job_seconds:.1f}s, errors {figures['errors']}",
