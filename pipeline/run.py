@@ -187,5 +187,8 @@ def run_job(config: JobConfig, kind: str) -> Plan:
                                                                max_tasks_in_flight_per_actor=in_flight),
                             max_concurrency=in_flight, num_gpus=1 if sizes.use_gpu else 0,
                             num_cpus=sizes.actor_cpus, **({"runtime_env": gpu_env} if gpu_env else {})))
-    dataset.write_parquet(plan.output_uri)
+    try:
+        dataset.write_parquet(plan.output_uri)
+    finally:
+        ray.kill(ledger)  # one per job: a long-lived Ray session must not collect them
     return plan
