@@ -42,6 +42,14 @@ def engine_sparsity(section: SparsitySection) -> SparsityConfig:
     return SparsityConfig(**{k: getattr(section, k) for k in keys if getattr(section, k) is not None})
 
 
+def worker_name() -> str:
+    """host:pid, and the Ray node when under Ray: simulated nodes share a host name."""
+    import ray
+
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{name}:{ray.get_runtime_context().get_node_id()}" if ray.is_initialized() else name
+
+
 class Predictor:
     def __init__(self, model_path: str, model_name: str, model: ModelConfig, sparsity: SparsitySection,
                  generation: GenerationConfig, resources: ResourcesConfig, ledger=None):
@@ -55,7 +63,7 @@ class Predictor:
         self.loop = EngineLoop(self.engine)
         self.params = SamplingParams(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
                                      top_p=generation.top_p, seed=generation.seed)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = worker_name()
         self.on_gpu = device == "cuda"
         self.device = f"cuda:{torch.cuda.get_device_name(self.engine.device)}" if self.on_gpu else "cpu"
         self.ledger = ledger

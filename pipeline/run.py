@@ -147,6 +147,7 @@ def run_job(config: JobConfig, kind: str) -> Plan:
     import os
 
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .faults import INJECT_ENV, FaultLedger
     from .predict import Predictor
@@ -169,7 +170,10 @@ def run_job(config: JobConfig, kind: str) -> Plan:
     sizes = actor_sizes(config, plan.n_input - plan.n_done, int(resources.get("GPU", 0)),
                         int(resources.get("CPU", 1)))
     model_name = EMBEDDED_NAMES.get(plan.model_path, plan.model_path)
-    ledger = ray.remote(FaultLedger).options(num_cpus=0).remote()  # device faults per id, across restarts
+    # device faults per id, across GPU actor restarts; on the driver's node, which the job cannot outlive
+    # (placed anywhere, a lost worker node could take the ledger and with it every later batch)
+    ledger = ray.remote(FaultLedger).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     in_flight = config.resources.batches_in_flight
     gpu_env = {"env_vars": {INJECT_ENV: os.environ[INJECT_ENV]}} if os.environ.get(INJECT_ENV) else None
     # Blocks of one Ray batch: rows stream through both stages and each written file is one

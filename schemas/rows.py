@@ -33,7 +33,7 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prefill_ms", pa.float32(), "decoder prefill, this sample's share (sparsification included)"),
     ("sparse_ms", pa.float32(), "raters, scores, selection, recycling: part of prefill_ms"),
     ("decode_ms", pa.float32(), "decode steps, this sample's share"),
-    ("worker", pa.string(), "the GPU actor that ran the row"),
+    ("worker", pa.string(), "the GPU actor that ran the row: host:pid:Ray node id"),
     ("device", pa.string(), "what it ran on: cpu, or cuda:<GPU name>"),
     ("batch", pa.int64(), "engine call counter within that worker"),
     ("started_at", pa.float64(), "Unix time (s) the row's engine call started (after any warm-up)"),
