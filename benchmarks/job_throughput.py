@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--gpu-actors", default="1", help="comma-separated engine counts, one run each")
     parser.add_argument("--cpu-actors-per-gpu", type=int, default=12,
                         help="decode/preprocess actors per engine: a cluster's GPU nodes bring their CPUs too")
+    parser.add_argument("--gpus-per-actor", default="1", help="GPU share per engine: 0.5 runs two engines on "
+                                                                 "each GPU (the multi-engine path on one GPU)")
     parser.add_argument("--batch-size", default="64")
     parser.add_argument("--method", default="sparsevlm", help="comma-separated: none, sparsevlm, ...; one "
                                                                 "engine-alone run and one job run each")
@@ -158,7 +160,7 @@ def main() -> None:
             started = time.perf_counter()
             code = job_main(args.kind, "benchmark", base={},
                             argv=["--input", str(source), "--output", str(output), "--batch-size", args.batch_size,
-                                  "--gpu-actors", str(actors), "--cpu-actors", str(args.cpu_actors_per_gpu * actors),
+                                  "--gpu-actors", str(actors), "--gpus-per-actor", args.gpus_per_actor, "--cpu-actors", str(args.cpu_actors_per_gpu * actors),
                                   "--warmup", *flags])
             job_seconds = time.perf_counter() - started
             table = pads.dataset(str(output), format="parquet").to_table()

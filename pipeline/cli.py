@@ -29,7 +29,8 @@ FLAGS = [  # (flag, config field, type, help)
     ("--num-frames", "media.num_frames", int, "frames sampled uniformly per video (default: 16)"),
     ("--fps", "media.fps", float, "sample video frames at this rate instead"),
     ("--max-pixels", "media.max_pixels", int, "pixels per image or frame after resizing"),
-    ("--gpu-actors", "resources.gpu_actors", int, "engines, one GPU each (default: all GPUs)"),
+    ("--gpu-actors", "resources.gpu_actors", int, "engines (default: one per GPU)"),
+    ("--gpus-per-actor", "resources.gpus_per_actor", float, "GPU share per engine: 0.5 = two per GPU (default: 1)"),
     ("--cpu-actors", "resources.cpu_actors", int, "decode/preprocess actors (default: 2)"),
     ("--batch-size", "resources.batch_size", int, "rows per engine call (default: 64)"),
 ]

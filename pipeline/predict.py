@@ -59,7 +59,8 @@ class Predictor:
         self.sparsity = engine_sparsity(sparsity)
         self.engine = VLMEngine.from_pretrained(resolve_model(model_path), dtype=dtype, device=device,
                                                 sparsity=self.sparsity,
-                                                engine_config=EngineConfig(max_num_seqs=resources.max_num_seqs))
+                                                engine_config=EngineConfig(max_num_seqs=resources.max_num_seqs,
+                                                                          gpu_share=resources.gpus_per_actor))
         self.loop = EngineLoop(self.engine)
         self.params = SamplingParams(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
                                      top_p=generation.top_p, seed=generation.seed)

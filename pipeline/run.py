@@ -130,7 +130,9 @@ def actor_sizes(config: JobConfig, rows_to_do: int, gpus: int, cpus: int) -> Act
     use_gpu = gpus > 0 if config.resources.use_gpu is None else config.resources.use_gpu
     # a small job gets no idle actors: each costs a process start and, on GPUs, a model load
     todo = max(1, rows_to_do)
-    gpu_actors = min(config.resources.gpu_actors or max(gpus, 1), math.ceil(todo / config.resources.batch_size))
+    per_gpu = 1 / config.resources.gpus_per_actor if use_gpu else 1
+    gpu_actors = min(config.resources.gpu_actors or max(int(gpus * per_gpu + 1e-9), 1),
+                     math.ceil(todo / config.resources.batch_size))
     wanted_cpu_actors = min(config.resources.cpu_actors, math.ceil(todo / PREPROCESS_BATCH))
     # Actors hold their CPUs for the whole run; read and write tasks need one more, or the
     # pipeline waits forever on a small machine. So actors get a fraction when CPUs are few,
@@ -189,7 +191,7 @@ def run_job(config: JobConfig, kind: str) -> Plan:
                             batch_size=config.resources.batch_size, batch_format="pyarrow", zero_copy_batch=True,
                             compute=ray.data.ActorPoolStrategy(size=sizes.gpu_actors,
                                                                max_tasks_in_flight_per_actor=in_flight),
-                            max_concurrency=in_flight, num_gpus=1 if sizes.use_gpu else 0,
+                            max_concurrency=in_flight, num_gpus=config.resources.gpus_per_actor if sizes.use_gpu else 0,
                             num_cpus=sizes.actor_cpus, **({"runtime_env": gpu_env} if gpu_env else {})))
     try:
         dataset.write_parquet(plan.output_uri)

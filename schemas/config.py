@@ -86,7 +86,10 @@ class MediaConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    gpu_actors: int | None = Field(None, ge=1, description="engines, one GPU each (default: every GPU; 1 on CPU)")
+    gpu_actors: int | None = Field(None, ge=1, description="engines (default: one per GPU, or per "
+                                                           "gpus_per_actor of a GPU; 1 on CPU)")
+    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="the GPU share each engine takes: 0.5 puts two "
+                                                               "engines on each GPU (each in half its memory)")
     use_gpu: bool | None = Field(None, description="engines on GPUs: default if the cluster has GPUs when the job "
                                                    "starts; true on autoscaling clusters whose GPU workers come later")
     cpu_actors: int = Field(2, ge=1, description="decode/preprocess actors")

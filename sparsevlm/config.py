@@ -145,6 +145,8 @@ class EngineConfig:
     max_num_seqs: samples decoded together; also bounds how many are admitted at once.
     max_cache_tokens: KV-cache slots per batch; None = `cache_memory_fraction` of the free
         GPU memory at the batch's start (1M tokens on CPU).
+    gpu_share: the part of the GPU's memory this engine may take (several engines on one GPU:
+        each sizes its KV pool inside its share, not from what the others left free).
     attention_backend: "auto" (flash-attn, else torch varlen on CUDA, else SDPA) or a name.
     cuda_graphs: capture decode steps per batch-size bucket on CUDA.
     compile_vision: torch.compile the vision tower's blocks on CUDA (fuses its fp32 norms and
@@ -155,6 +157,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_cache_tokens: int | None = None
     cache_memory_fraction: float = 0.6
+    gpu_share: float = 1.0
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     compile_vision: bool = True
@@ -163,3 +166,5 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("EngineConfig.max_prefill_tokens and max_num_seqs must be >= 1")
+        if not 0 < self.gpu_share <= 1:
+            raise ValueError(f"EngineConfig.gpu_share must be in (0, 1], got {self.gpu_share}")

@@ -76,7 +76,9 @@ class ModelRunner:
             return self.config.max_cache_tokens * layers
         if self.device.type != "cuda":
             return CPU_CACHE_TOKENS * layers
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        if self.config.gpu_share < 1:  # engines beside this one on the GPU load and size their pools too
+            free = min(free, int(total * self.config.gpu_share) - torch.cuda.memory_reserved(self.device))
         per_slot = KVPool.bytes_per_slot(self.adapter.num_kv_heads, self.adapter.head_dim, self.dtype)
         slots = int(free * self.config.cache_memory_fraction) // per_slot
         logger.info("KV pool: %d slots (%.1f GB, %d tokens per layer)", slots, slots * per_slot / 1e9,

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from pipeline.media import decode_image
@@ -24,6 +25,16 @@ def test_small_jobs_start_no_idle_actors():
     assert (sizes.gpu_actors, sizes.cpu_actors, sizes.use_gpu) == (1, 1, True)
     sizes = actor_sizes(config, rows_to_do=1000, gpus=2, cpus=32)
     assert (sizes.gpu_actors, sizes.cpu_actors, sizes.actor_cpus) == (2, 8, 1.0)
+
+
+def test_a_gpu_share_puts_several_engines_on_each_gpu():
+    config = JobConfig.load(overrides={"resources.gpus_per_actor": 0.5, "resources.cpu_actors": 4})
+    assert actor_sizes(config, rows_to_do=10_000, gpus=2, cpus=32).gpu_actors == 4
+    assert actor_sizes(config, rows_to_do=10_000, gpus=0, cpus=32).gpu_actors == 1  # CPU engines: no share
+    from sparsevlm import EngineConfig
+
+    with pytest.raises(ValueError, match="gpu_share"):
+        EngineConfig(gpu_share=0)
 
 
 def test_autoscaling_clusters_get_gpus_and_the_configured_cpu_actors():

@@ -63,6 +63,18 @@ def test_throughput_is_taken_over_the_engine_calls():
     assert result["peak_gpu_memory_mb"] is None
 
 
+def test_a_restarted_gpu_actor_is_not_billed_twice():
+    """w1 died (device fault, lost node) and came back as w3 in its place: two GPUs, not three."""
+    common = {"n_visual_tokens": 100, "n_visual_tokens_kept": 10, "equiv_visual_tokens": 20.0,
+              "n_generated_tokens": 4, "n_prompt_tokens": 120, "device": "cpu"}
+    spans = [("a", "w1", 100.0, 102.0), ("b", "w2", 100.0, 110.0), ("c", "w3", 105.0, 110.0)]
+    rows = [empty_row(i, worker=w, started_at=s, finished_at=f, **common) for i, w, s, f in spans]
+    result = metrics.run_metrics(pa.Table.from_pylist(rows, schema=output_schema()), gpu_hour_usd=1.0)
+    assert result["gpus"] == 2 and result["gpu_s_per_sample"] == pytest.approx(2 * 10 / 3)
+    rows.append(empty_row("d", worker="w4", started_at=101.0, finished_at=106.0, **common))  # a third at once
+    assert metrics.run_metrics(pa.Table.from_pylist(rows, schema=output_schema()), gpu_hour_usd=1.0)["gpus"] == 3
+
+
 # --- the whole report, recomputed -------------------------------------------------------------
 
 

@@ -3,7 +3,9 @@
 Throughput is measured over the engine's own calls: from the first call's start to the last
 call's end (`started_at`, `finished_at`), so Ray start-up, model load and the warm-up batch
 (`resources.warmup`) stay out while waits on the CPU stage between calls stay in. Costs are
-wall-clock GPU time over that span: every GPU actor (`worker`) is billed for all of it.
+wall-clock GPU time over that span: every GPU the run held is billed for all of it. A GPU actor
+that Ray restarted (after a device fault, or on another node after one was lost) comes back as a
+new `worker`, in its predecessor's place: GPUs held = the most workers active at once.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ def _quantiles(values: np.ndarray, qs=(50, 95)) -> dict:
     return {f"p{q}": float(np.percentile(values, q)) for q in qs} if len(values) else {f"p{q}": None for q in qs}
 
 
+def gpus_held(ok: pa.Table) -> int:
+    """The most GPU actors working at once, each from its first call's start to its last call's end."""
+    spans = ok.group_by("worker").aggregate([("started_at", "min"), ("finished_at", "max")])
+    events = sorted([(t, 1) for t in spans.column("started_at_min").to_pylist()]
+                    + [(t, -1) for t in spans.column("finished_at_max").to_pylist()])  # at a tie, ends first
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
+
+
 def run_metrics(table: pa.Table, gpu_hour_usd: float) -> dict:
     """Throughput, cost, tokens, latency and memory of one run (its successful rows)."""
     ok = succeeded(table)
@@ -56,7 +70,7 @@ def run_metrics(table: pa.Table, gpu_hour_usd: float) -> dict:
     if not len(ok):
         return metrics
     span_s = float(pc.max(ok.column("finished_at")).as_py() - pc.min(ok.column("started_at")).as_py())
-    gpus = len(pc.unique(ok.column("worker")))
+    gpus = gpus_held(ok)
     engine_ms = _engine_ms(ok)
     gpu_s_per_sample = gpus * span_s / len(ok)
     peak = pc.max(ok.column("peak_gpu_memory_mb")).as_py()
