@@ -11,8 +11,10 @@ sample's causal context (not renormalised over visual keys), restricted to visua
 columns. Only rater rows are touched: O(raters x length x heads x dim), never L^2.
 
 Optionally (`prior`) each probability is divided by the RoPE-only prior of its relative
-position, W(delta) = 2/sqrt(D) * sum_i cos(delta_sec(i) * theta_i), floored at a small
-fraction of W(0) (SparseVLM+; M-RoPE gives each frequency i its own position component).
+position, W(delta) = 2/sqrt(D) * sum_i cos(delta_sec(i) * theta_i) (SparseVLM+; M-RoPE gives each
+frequency i its own position component). As in the official v2.0 code there is no floor: where
+W <= 0 the corrected score is negative (or, at W = 0 exactly, infinite), and so it ranks last
+(or first); a floor would make the ranking follow the prior's zero crossings instead of content.
 
 `rater_scores` is the Triton implementation (two launches: per-rater log-sum-exp, then
 per visual block accumulation over the sample's raters, deterministic, no atomics);
@@ -27,9 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-PRIOR_FLOOR = 1e-3  # W(delta) is floored at this fraction of W(0): long contexts can make it <= 0
-
-
 @dataclass
 class RoPEPrior:
     positions: torch.Tensor  # (P, T) long: position ids of the packed rows (P = 3 for M-RoPE)
@@ -40,8 +39,7 @@ class RoPEPrior:
         """W(pos[a] - pos[b]) for all pairs: (len(a), len(b)) float32."""
         pos = self.positions[self.sections]  # (D/2, T): the component each frequency sees
         delta = (pos[:, rows_a][:, :, None] - pos[:, rows_b][:, None, :]).float()  # D/2, A, B
-        w = (2 / head_dim ** 0.5) * torch.cos(delta * self.inv_freq.float()[:, None, None]).sum(0)
-        return w.clamp_min(PRIOR_FLOOR * (2 / head_dim ** 0.5) * self.inv_freq.numel())
+        return (2 / head_dim ** 0.5) * torch.cos(delta * self.inv_freq.float()[:, None, None]).sum(0)
 
 
 def rater_scores_reference(q: torch.Tensor, k: torch.Tensor, seq_bounds: list[tuple[int, int]],
@@ -96,7 +94,7 @@ def _rater_lse_kernel(Q, K, Lse, Rows, SeqStarts,
 @triton.jit
 def _rater_scores_kernel(Q, K, Lse, Out, TextRows, TextWeights, VisRows,
                          BlockSample, BlockVisStart, BlockVisEnd, TextOffsets,
-                         Positions, InvFreq, Sections, prior_floor,
+                         Positions, InvFreq, Sections,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_lr, stride_ov, stride_pp,
                          scale, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_V: tl.constexpr, PRIOR: tl.constexpr, HALF: tl.constexpr,
@@ -136,7 +134,7 @@ def _rater_scores_kernel(Q, K, Lse, Out, TextRows, TextWeights, VisRows,
                 r_pos = tl.load(Positions + section * stride_pp + row)
                 delta = (r_pos[None, :] - v_pos).to(tl.float32)  # BLOCK_V, HALF
                 prior = (2.0 / tl.sqrt(HEAD_DIM * 1.0)) * tl.sum(tl.cos(delta * inv_freq[None, :]), axis=1)
-                p = p / tl.maximum(prior, prior_floor)[None, :]
+                p = p / prior[None, :]
             acc += w * p
     tl.store(Out + vi[None, :] * stride_ov + heads[:, None], acc, mask=g_valid[:, None] & v_valid[None, :])
 
@@ -183,11 +181,10 @@ def rater_scores(q: torch.Tensor, k: torch.Tensor, text_rows: torch.Tensor, text
     offsets = _to_device(torch.tensor(text_offsets, dtype=torch.int32), device)
     if prior is not None:
         positions = prior.positions.contiguous()
-        extra = (positions, prior.inv_freq.float().contiguous(), prior.sections.contiguous(),
-                 PRIOR_FLOOR * (2 / head_dim ** 0.5) * (head_dim // 2))
+        extra = (positions, prior.inv_freq.float().contiguous(), prior.sections.contiguous())
         stride_pp = positions.stride(0)
     else:
-        extra, stride_pp = (out, out, out, 0.0), 0
+        extra, stride_pp = (out, out, out), 0
     _rater_scores_kernel[(len(blocks), num_kv_heads)](
         q, k, lse, out, text_rows, text_weights, vis_rows, table[0], table[1], table[2], offsets, *extra,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), out.stride(0), stride_pp,

@@ -22,6 +22,8 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("n_visual_tokens", pa.int32(), "visual tokens before pruning"),
     ("n_visual_tokens_kept", pa.int32(), "visual tokens after the last pruning layer (merged ones included)"),
     ("equiv_visual_tokens", pa.float32(), "layer-averaged retained visual tokens"),
+    ("budget_met", pa.bool_(), "false where the preset's layer average is out of reach at this model's depth "
+                               "(pruned as far as it goes, over budget)"),
     ("kept_per_pruning_layer", pa.map_(pa.int32(), pa.int32()), "pruning layer -> visual tokens it passed on"),
     ("kept_visual_positions", pa.list_(pa.int32()), "indices of the original visual tokens that survived"),
     ("n_generated_tokens", pa.int32(), "new tokens, stop token included"),

@@ -41,28 +41,46 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+DEFAULT_PRESET = 128
+_KNOBS = {  # label option -> (field, parse); written after the budget as +name=value when not the default
+    "tau": ("tau", float), "theta": ("theta", float), "rank_adaptive": ("rank_adaptive", "bool"),
+    "rank_scale": ("rank_scale", float), "rank_bias": ("rank_bias", float), "fastv_layer": ("fastv_layer", int),
+    "recycle": ("recycle", "bool"), "seed": ("seed", int),
+}
+_BOOLS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+LABEL_GRAMMAR = ("none, or <method>[-<budget>][+<option>=<value>...]: budget a preset (64, 96, 128, 192), "
+                 "r<ratio> (r0.25) or a schedule <layer>:<count or r<ratio>>,... (2:300,6:r0.2); options "
+                 + ", ".join(_KNOBS))
+
+
 @dataclass(frozen=True)
 class SparsityConfig:
     """Which visual tokens to drop, and when (see ../shared/design/SPARSEVLM.md and the README).
 
-    method: "none" (dense), "sparsevlm", "sparsevlm_v2" (SparseVLM+: RoPE-prior correction,
-        top-half heads, no recycling), "fastv" (last prompt token's attention at one layer),
-        "random" (seeded uniform subset, same budget).
+    method: "none" (dense), "sparsevlm", "sparsevlm_v2" (SparseVLM+ as the official v2.0 code:
+        RoPE-prior correction, heads ranked by corrected mass, its own keep table, no recycling),
+        "fastv" (last prompt token's attention at one layer), "random" (seeded uniform subset,
+        placed and sized like fastv).
     Budget, at most one of:
         preset: 64 / 96 / 128 / 192, the paper's per-layer keep table (LLaVA: 576 visual
-            tokens, 32 layers), scaled to each sample's visual-token count and the model's depth.
-        keep_ratio: keep this fraction of the visual tokens (at the method's pruning layers).
+            tokens, 32 layers), mapped to each sample's visual-token count and the model's
+            depth so that the layer-averaged count matches the reference's (schedule.py).
+        keep_ratio: keep this fraction of the visual tokens (at the method's first pruning layer).
         schedule: {layer: keep} pruning after those 0-based layers; keep is a count (int)
-            or a fraction of the sample's visual tokens (float in (0, 1]).
-        Default when none is given: preset 128.
+            or a fraction of the sample's visual tokens (float in (0, 1]). Taken as written.
+        Default for a pruning method when none is given: preset 128.
     recycle: merge part of what is deleted into new tokens (default: on for sparsevlm, off
         otherwise); tau = share of deleted tokens recycled, theta = clusters per recycled token.
     rank_adaptive: sparsevlm keeps floor(rank_scale * rank(R) + rank_bias) tokens (capped by
-        the budget) instead of the budget itself, R being the raters' attention on visual tokens.
+        the budget) instead of the budget itself, R being the raters' attention on visual tokens
+        (13.5: the official code's scale).
     fastv_layer: the layer fastv and random prune after with preset/keep_ratio budgets
-        (default: layer 2 of 32, scaled to the model's depth).
+        (default: FastV's K=2 of 32, mapped to the model's depth, never before layer 2).
     seed: the random method's seed (a sample's subset also depends on its own tokens only,
         never on its batch mates).
+
+    `label` names a config in one string and `SparsityConfig.parse(label)` reads it back
+    (LABEL_GRAMMAR): "sparsevlm-128", "fastv-r0.25", "sparsevlm-2:300,6:200,15:110+recycle=off".
     """
 
     method: str = "none"
@@ -73,7 +91,7 @@ class SparsityConfig:
     tau: float = 0.3
     theta: float = 0.1
     rank_adaptive: bool = False
-    rank_scale: float = 8.0
+    rank_scale: float = 13.5
     rank_bias: float = 0.0
     fastv_layer: int | None = None
     seed: int = 0
@@ -108,10 +126,17 @@ class SparsityConfig:
             object.__setattr__(self, "schedule", schedule)
         if not 0 <= self.tau <= 1 or not 0 < self.theta <= 1:
             raise ValueError(f"SparsityConfig: tau must be in [0, 1] and theta in (0, 1], got {self.tau}, {self.theta}")
+        if self.fastv_layer is not None and self.fastv_layer < 0:
+            raise ValueError(f"SparsityConfig.fastv_layer must be >= 0, got {self.fastv_layer}")
         if self.rank_adaptive and self.method != "sparsevlm":
             raise ValueError("SparsityConfig.rank_adaptive applies to method='sparsevlm' only")
         if self.recycle and self.method not in ("sparsevlm", "sparsevlm_v2"):
             raise ValueError(f"SparsityConfig.recycle applies to sparsevlm methods, not {self.method!r}")
+        # one spelling of each default, so that a label reads back as an equal config
+        if self.enabled and not budgets:
+            object.__setattr__(self, "preset", DEFAULT_PRESET)
+        if self.recycle is None:
+            object.__setattr__(self, "recycle", self.method == "sparsevlm")
 
     @property
     def enabled(self) -> bool:
@@ -119,21 +144,87 @@ class SparsityConfig:
 
     @property
     def recycles(self) -> bool:
-        return self.recycle if self.recycle is not None else self.method == "sparsevlm"
+        return bool(self.recycle)
 
     @property
     def label(self) -> str:
-        """Short name for tables: method plus budget, e.g. "sparsevlm-128", "fastv-r0.25"."""
+        """The config in one string (LABEL_GRAMMAR), e.g. "sparsevlm-128", "fastv-r0.25"; options
+        appear only where they differ from the defaults."""
         if not self.enabled:
             return "none"
         if self.keep_ratio is not None:
-            return f"{self.method}-r{self.keep_ratio:g}"
-        if self.schedule is not None:
-            return f"{self.method}-" + ",".join(f"{layer}:{keep:g}" for layer, keep in self.schedule)
-        return f"{self.method}-{self.preset or DEFAULT_PRESET}"
+            budget = f"r{self.keep_ratio!r}"
+        elif self.schedule is not None:
+            budget = ",".join(f"{layer}:{_keep_text(keep)}" for layer, keep in self.schedule)
+        else:
+            budget = str(self.preset)
+        options = []
+        for name, (field_name, _) in _KNOBS.items():
+            value = getattr(self, field_name)
+            default = type(self).__dataclass_fields__[field_name].default
+            if field_name == "recycle":
+                default = self.method == "sparsevlm"
+            if value != default:
+                options.append(f"+{name}=" + (("on" if value else "off") if isinstance(value, bool) else repr(value)))
+        return f"{self.method}-{budget}" + "".join(options)
+
+    @classmethod
+    def parse(cls, label: str) -> "SparsityConfig":
+        """The config a `label` names (its inverse; also reads the older "fastv-0.25" form)."""
+        return cls(**parse_label(label))
 
 
-DEFAULT_PRESET = 128
+def _keep_text(keep: int | float) -> str:
+    return f"r{keep!r}" if isinstance(keep, float) else str(keep)
+
+
+def _number(text: str, kind, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"sparsity label: {what} {text!r} is not a{'n integer' if kind is int else ' number'}; "
+                         f"labels are {LABEL_GRAMMAR}") from None
+
+
+def _parse_keep(text: str, what: str) -> int | float:
+    if text.startswith("r"):
+        return _number(text[1:], float, what)
+    return _number(text, float, what) if "." in text else _number(text, int, what)
+
+
+def parse_label(label: str) -> dict:
+    """The SparsityConfig fields a label states (only those): "sparsevlm-128+tau=0.2" ->
+    {"method": "sparsevlm", "preset": 128, "tau": 0.2}."""
+    head, *options = label.strip().split("+")
+    method, _, budget = head.partition("-")
+    if method not in SPARSITY_METHODS:
+        raise ValueError(f"sparsity label {label!r}: unknown method {method!r}; labels are {LABEL_GRAMMAR}")
+    fields: dict = {"method": method}
+    if method == "none" and (budget or options):
+        raise ValueError(f"sparsity label {label!r}: 'none' takes no budget or options")
+    if ":" in budget:
+        steps = [step.partition(":") for step in budget.split(",")]
+        fields["schedule"] = {_number(layer, int, "schedule layer"): _parse_keep(keep, "schedule keep")
+                              for layer, _, keep in steps}
+    elif budget.startswith("r"):
+        fields["keep_ratio"] = _number(budget[1:], float, "keep ratio")
+    elif budget:
+        number = _number(budget, float, "budget")
+        fields["preset" if number > 1 else "keep_ratio"] = int(number) if number > 1 else number
+    for option in options:
+        name, _, value = option.partition("=")
+        if name not in _KNOBS or not value:
+            raise ValueError(f"sparsity label {label!r}: unknown option {option!r}; labels are {LABEL_GRAMMAR}")
+        field_name, kind = _KNOBS[name]
+        if kind == "bool":
+            if value.lower() not in _BOOLS:
+                raise ValueError(f"sparsity label {label!r}: {name} takes on or off, not {value!r}")
+            fields[field_name] = _BOOLS[value.lower()]
+        else:
+            fields[field_name] = _number(value, kind, name)
+    return fields
+
+
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class ModelRunner:
         stats.n_visual_tokens_kept = plan.final_visual
         stats.kept_per_pruning_layer = {step.layer: step.keep + step.n_clusters for step in plan.steps}
         stats.equiv_visual_tokens = plan.equivalent_visual_tokens
+        stats.budget_met = plan.budget_met
         text = sample.num_tokens - sample.num_visual_tokens
         stats.prefill_flops = prefill_flops(self.adapter.text_config, text, plan.visual_per_layer)
         stats.prefill_flops_dense = prefill_flops(self.adapter.text_config, text,

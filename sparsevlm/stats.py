@@ -26,6 +26,7 @@ class SampleStats:
     n_visual_tokens_kept: int = 0  # visual tokens after the last pruning layer, merged ones included
     kept_per_pruning_layer: dict[int, int] = field(default_factory=dict)  # layer -> visual tokens it passed on
     equiv_visual_tokens: float = 0.0  # layer-averaged retained visual tokens (see pruning/schedule.py)
+    budget_met: bool = True  # False: the preset's layer average cannot be reached at this model's depth
     prefill_flops: float = 0.0  # estimated decoder prefill FLOPs with this pruning ...
     prefill_flops_dense: float = 0.0  # ... and without (vision tower excluded in both)
     # indices into the sample's visual tokens that survived the last pruning layer (all when dense)

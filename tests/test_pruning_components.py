@@ -214,20 +214,3 @@ def test_rater_attention_rank_matches_matrix_rank_of_the_sliced_attention():
         expected = torch.linalg.matrix_rank(torch.stack(per_head).mean(0).double())
         assert rank == int(expected)
         start += sample.num_tokens
-
-
-def test_v2_averages_the_top_half_of_heads_by_attention_mass_per_sample():
-    from sparsevlm.pruning.scoring import top_half_heads_mean
-
-    g = torch.Generator().manual_seed(5)
-    sizes, heads = [6, 1, 9], 7
-    attention = torch.rand(sum(sizes), heads, generator=g)
-    scores = torch.rand(sum(sizes), heads, generator=g)
-    got = top_half_heads_mean(scores, attention, sizes)
-    start = 0
-    for size in sizes:
-        mass = attention[start:start + size].sum(0).tolist()
-        top = sorted(range(heads), key=lambda h: (-mass[h], h))[:heads // 2]
-        expected = scores[start:start + size][:, top].mean(1)
-        torch.testing.assert_close(got[start:start + size], expected)
-        start += size

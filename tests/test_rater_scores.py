@@ -3,6 +3,8 @@ the plainest possible definition (a per-head loop over full attention matrices).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -71,6 +73,51 @@ def test_reference_is_a_slice_of_full_attention():
             per_head.append((w[:, None] * rows).sum(0))
         expected.append(torch.stack(per_head, 1))
     torch.testing.assert_close(got, torch.cat(expected).float(), rtol=1e-6, atol=1e-7)
+
+
+def naive_prior(positions: torch.Tensor, sections: list[int], inv_freq: list[float], a: int, b: int) -> float:
+    """W(pos[a] - pos[b]) = 2/sqrt(D) sum_i cos(delta_i theta_i), frequency by frequency, no floor."""
+    head_dim = 2 * len(inv_freq)
+    total = sum(math.cos((int(positions[sec, a]) - int(positions[sec, b])) * theta)
+                for sec, theta in zip(sections, inv_freq))
+    return 2 / math.sqrt(head_dim) * total
+
+
+@pytest.mark.parametrize("rope", ["1d", "mrope"])
+def test_v2_scores_match_naive_per_sample(rope):
+    """SparseVLM+ (official v2.0): corrected = attention / RoPE prior (no floor); heads ranked per
+    sample by corrected rater->visual mass; the top 14/32 of them averaged."""
+    from sparsevlm.pruning.scoring import heads_kept, top_heads_mean
+
+    num_heads, head_dim = 9, 8
+    q, k, bounds, texts, weights, visuals, positions = random_pack(11, [30, 21, 44], num_heads, 3, head_dim,
+                                                                   torch.float64, "cpu")
+    prior = qwen_like_prior(positions, head_dim)
+    if rope == "1d":
+        prior = RoPEPrior(positions[:1].expand(3, -1), prior.inv_freq, torch.zeros_like(prior.sections))
+    got = top_heads_mean(rater_scores_reference(q, k, bounds, texts, weights, visuals, 0.4, prior=prior),
+                         [len(v) for v in visuals])
+    sections, inv_freq = prior.sections.tolist(), prior.inv_freq.tolist()
+    chosen = round(14 / 32 * num_heads)
+    assert heads_kept(num_heads) == chosen == 4 and heads_kept(32) == 14 and heads_kept(28) == 12
+    negative = 0
+    for (start, end), text, w, visual, got_sample in zip(bounds, texts, weights, visuals,
+                                                        torch.split(got, [len(v) for v in visuals])):
+        corrected = torch.zeros(len(visual), num_heads, dtype=torch.float64)
+        for h in range(num_heads):
+            for r, weight in zip(text.tolist(), w.tolist()):
+                probs = ((k[start:r + 1, h // 3] @ q[r, h]) * 0.4).softmax(0)
+                for j, v in enumerate(visual.tolist()):
+                    wv = naive_prior(positions if rope == "mrope" else positions[:1].expand(3, -1),
+                                     sections if rope == "mrope" else [0] * len(sections), inv_freq, r, v)
+                    negative += wv < 0
+                    corrected[j, h] += weight * probs[v - start] / wv
+        mass = corrected.sum(0).tolist()
+        top = sorted(range(num_heads), key=lambda h: (-mass[h], h))[:chosen]
+        # rtol 1e-3: the library's prior is fp32, and dividing by it near a zero crossing amplifies
+        # its rounding (fp64 here)
+        torch.testing.assert_close(got_sample, corrected[:, top].mean(1).float(), rtol=1e-3, atol=1e-6)
+    assert negative > 0  # the prior does cross zero here, and no floor hid it
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (7, 1), (8, 8)], ids=["gqa2", "mqa7", "mha"])

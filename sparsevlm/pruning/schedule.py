@@ -9,21 +9,37 @@ before any GPU work, without host-device syncs.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass
 
 from ..config import DEFAULT_PRESET, SparsityConfig
 
+logger = logging.getLogger(__name__)
+
 REFERENCE_VISUAL_TOKENS = 576  # LLaVA-1.5: the paper's table is for this many visual tokens ...
 REFERENCE_LAYERS = 32  # ... and this many decoder layers
 REFERENCE_PRUNING_LAYERS = (2, 6, 15)
-PRESET_KEEP = {  # preset -> visual tokens kept after each of REFERENCE_PRUNING_LAYERS
+FASTV_REFERENCE_LAYER = 2  # FastV's K: it prunes after layer 2 of 32
+# The reference scores its first prune on layer 2's attention, after two layers have mixed the
+# tokens; on layer 0 (un-mixed embeddings) the choice is no better than chance. Mapped schedules
+# never prune before this layer (an explicit `schedule` may).
+MIN_FIRST_PRUNING_LAYER = 2
+PRESET_KEEP = {  # SparseVLM (v1 / v1.5): preset -> visual tokens kept after each REFERENCE_PRUNING_LAYERS
     192: (300, 200, 110),
     128: (303, 110, 36),
     96: (238, 48, 26),
     64: (66, 30, 17),
 }
+PRESET_KEEP_V2 = {  # SparseVLM+ (official v2.0 code), same layers
+    192: (300, 200, 110),
+    128: (238, 108, 60),
+    96: (246, 54, 28),
+    64: (66, 34, 20),
+}
 _EPS = 1e-9  # floor(0.3 * 10) must be 3 even where 0.3 * 10 is 2.9999999999999996
+BUDGET_TOLERANCE = 0.02  # a layer average up to 2% over the preset's counts as met (keeps are whole tokens)
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,7 @@ class SamplePlan:
     num_visual_tokens: int
     steps: tuple[PruneStep, ...]
     visual_per_layer: tuple[int, ...]  # visual tokens each layer sees (and caches), merged included
+    target_equivalent: float | None = None  # the layer average a preset asks for (None: no preset)
 
     @property
     def retained_per_layer(self) -> tuple[int, ...]:
@@ -59,10 +76,18 @@ class SamplePlan:
         estimate (`prefill_flops`) uses what each layer really sees."""
         return sum(self.retained_per_layer) / len(self.retained_per_layer)
 
+    @property
+    def budget_met(self) -> bool:
+        """False where the preset's layer average cannot be reached at this depth (its dense
+        layers alone exceed it): the plan then prunes as far as it can and is over budget."""
+        target = self.target_equivalent
+        return target is None or self.equivalent_visual_tokens <= target * (1 + BUDGET_TOLERANCE) + 0.5
 
-def scale_layer(layer: int, num_layers: int) -> int:
-    """A layer of the 32-layer reference model at the same relative depth in `num_layers`."""
-    return min(num_layers - 1, round(layer * num_layers / REFERENCE_LAYERS))
+
+def map_layer(layer: int, num_layers: int) -> int:
+    """The layer of a `num_layers` model after which the same share of the depth has run as after
+    `layer` of the 32-layer reference ((layer + 1) / 32 of it), never before MIN_FIRST_PRUNING_LAYER."""
+    return max(MIN_FIRST_PRUNING_LAYER, round((layer + 1) * num_layers / REFERENCE_LAYERS) - 1)
 
 
 def _strictly_increasing(layers: list[int], num_layers: int) -> list[int]:
@@ -74,28 +99,65 @@ def _strictly_increasing(layers: list[int], num_layers: int) -> list[int]:
     return out
 
 
+def first_pruning_layer(config: SparsityConfig, num_layers: int) -> int:
+    """Where a one-step method (fastv, random) or a keep_ratio budget prunes."""
+    if config.method in ("fastv", "random") and config.fastv_layer is not None:
+        return min(config.fastv_layer, num_layers - 2)
+    reference = FASTV_REFERENCE_LAYER if config.method in ("fastv", "random") else REFERENCE_PRUNING_LAYERS[0]
+    return min(map_layer(reference, num_layers), num_layers - 2)
+
+
+def budget_target(config: SparsityConfig, num_visual: int) -> float | None:
+    """The layer-averaged visual tokens a preset asks for: the preset scaled to this sample's
+    visual tokens (the paper's "retain N" at 576 tokens), dense layers included."""
+    if not config.enabled or config.schedule is not None or config.keep_ratio is not None:
+        return None
+    return (config.preset or DEFAULT_PRESET) * num_visual / REFERENCE_VISUAL_TOKENS
+
+
 def budget_schedule(config: SparsityConfig, num_layers: int, num_visual: int) -> list[tuple[int, int]]:
     """(layer, keep count) pairs for one sample, before recycling is accounted."""
+    return list(_budget_schedule(config, num_layers, num_visual))
+
+
+@functools.lru_cache(maxsize=4096)
+def _budget_schedule(config: SparsityConfig, num_layers: int, num_visual: int) -> tuple[tuple[int, int], ...]:
     if not config.enabled or num_visual == 0:
-        return []
-    scale = num_visual / REFERENCE_VISUAL_TOKENS
+        return ()
     if config.schedule is not None:
-        return [(layer, keep if isinstance(keep, int) else max(1, round(keep * num_visual)))
-                for layer, keep in config.schedule if layer < num_layers - 1]
-    first = scale_layer(REFERENCE_PRUNING_LAYERS[0], num_layers)
-    if config.method in ("fastv", "random"):
-        first = config.fastv_layer if config.fastv_layer is not None else first
-        first = min(first, num_layers - 2)
+        return tuple((layer, keep if isinstance(keep, int) else max(1, round(keep * num_visual)))
+                     for layer, keep in config.schedule if layer < num_layers - 1)
     if config.keep_ratio is not None:
-        return [(first, max(1, round(config.keep_ratio * num_visual)))]
+        return ((first_pruning_layer(config, num_layers), max(1, round(config.keep_ratio * num_visual))),)
     preset = config.preset or DEFAULT_PRESET
+    target = budget_target(config, num_visual)
     if config.method in ("fastv", "random"):
-        # One step at `first`, sized so the layer-averaged retained count is the preset's.
-        target = preset * scale * num_layers
-        keep = (target - first * num_visual) / (num_layers - first)
-        return [(first, max(1, round(keep)))]
-    layers = _strictly_increasing([scale_layer(layer, num_layers) for layer in REFERENCE_PRUNING_LAYERS], num_layers)
-    return [(layer, max(1, round(keep * scale))) for layer, keep in zip(layers, PRESET_KEEP[preset])]
+        # One step, sized so that the layer average (dense layers included) is the target.
+        first = first_pruning_layer(config, num_layers)
+        keep = (target * num_layers - first * num_visual) / (num_layers - first)
+        return ((first, min(num_visual, max(1, round(keep)))),)
+    table = PRESET_KEEP_V2 if config.method == "sparsevlm_v2" else PRESET_KEEP
+    reference = table[preset]
+    scale = num_visual / REFERENCE_VISUAL_TOKENS
+    if num_layers == REFERENCE_LAYERS:  # the paper's own setting: its table, as written
+        return tuple(zip(REFERENCE_PRUNING_LAYERS, (max(1, round(keep * scale)) for keep in reference)))
+    layers = _strictly_increasing([map_layer(layer, num_layers) for layer in REFERENCE_PRUNING_LAYERS], num_layers)
+    reference = reference[:len(layers)]
+
+    def keeps(alpha: float) -> list[int]:
+        return [min(num_visual, max(1, round(alpha * keep * scale))) for keep in reference]
+
+    def average(alpha: float) -> float:
+        return _plan(config, num_layers, num_visual, list(zip(layers, keeps(alpha)))).equivalent_visual_tokens
+
+    # The reference's shape scaled by one factor, found by bisection (the average grows with it),
+    # so that the layer average meets the target here; alpha = 0 is the most this depth can prune.
+    low, high = 0.0, num_visual / (min(reference) * scale)
+    if average(low) <= target:
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if average(middle) <= target else (low, middle)
+    return tuple(zip(layers, keeps(low)))
 
 
 def recycled_counts(n_deleted: int, config: SparsityConfig) -> tuple[int, int]:
@@ -111,11 +173,23 @@ def plan_sample(config: SparsityConfig, num_layers: int, num_visual: int,
     """The plan of one sample. `keeps` overrides the budget's keep counts step by step (the
     rank-adaptive variant decides them on the device; the layers stay the budget's)."""
     budget = budget_schedule(config, num_layers, num_visual)
+    if keeps is not None:
+        budget = [(layer, keep) for (layer, _), keep in zip(budget, keeps)]
+    plan = _plan(config, num_layers, num_visual, budget)
+    target = budget_target(config, num_visual)
+    if target is not None:
+        plan = SamplePlan(plan.num_visual_tokens, plan.steps, plan.visual_per_layer, target)
+        if not plan.budget_met:
+            _warn_unmet(config.label, num_layers, num_visual, target, plan.equivalent_visual_tokens)
+    return plan
+
+
+def _plan(config: SparsityConfig, num_layers: int, num_visual: int, budget: list[tuple[int, int]]) -> SamplePlan:
     steps, current = [], num_visual
     per_layer = [0] * num_layers
     previous_layer = -1
-    for i, (layer, keep) in enumerate(budget):
-        keep = min(keeps[i] if keeps is not None else keep, current)
+    for layer, keep in budget:
+        keep = min(keep, current)
         per_layer[previous_layer + 1:layer + 1] = [current] * (layer - previous_layer)
         n_recycled, n_clusters = recycled_counts(current - keep, config)
         steps.append(PruneStep(layer, keep, n_recycled, n_clusters))
@@ -123,6 +197,15 @@ def plan_sample(config: SparsityConfig, num_layers: int, num_visual: int,
         previous_layer = layer
     per_layer[previous_layer + 1:] = [current] * (num_layers - previous_layer - 1)
     return SamplePlan(num_visual, tuple(steps), tuple(per_layer))
+
+
+@functools.lru_cache(maxsize=256)
+def _warn_unmet(label: str, num_layers: int, num_visual: int, target: float, reached: float) -> None:
+    """Once per (config, depth, size): the user asked for less than this model can give."""
+    logger.warning("%s asks for a layer average of %.1f of %d visual tokens, but this %d-layer model "
+                   "keeps them all for its first %d layers: the closest it gets is %.1f (stats: "
+                   "budget_met=False). Give a `schedule` to prune earlier.", label, target, num_visual,
+                   num_layers, MIN_FIRST_PRUNING_LAYER, reached)
 
 
 def prefill_flops(text_config, num_text_tokens: int, visual_per_layer: tuple[int, ...]) -> float:

@@ -1,8 +1,11 @@
 """How each method scores a pack's visual tokens at a pruning layer (higher = keep).
 
 - sparsevlm: mean over heads and raters of the raters' attention (SPARSEVLM.md section 2).
-- sparsevlm_v2: the same divided by the RoPE-only prior, averaged over the top half of
-  heads ranked by (uncorrected) rater->visual attention mass, per sample (section 6).
+- sparsevlm_v2: each head's attention divided by the RoPE-only prior (no floor), averaged
+  over the heads with the most corrected rater->visual mass, per sample: the official v2.0
+  code keeps 14 of 32 heads, so V2_HEAD_SHARE of the model's (section 6). For M-RoPE models
+  the prior is the rotation the model really applies: each frequency turns with its own
+  position component (temporal, height or width), so for 1-D RoPE it is the official prior.
 - fastv: attention the last prompt token pays each visual token, mean over heads.
 - random: a uniform draw from a generator seeded by the config seed and the sample's own
   tokens, so a sample's subset never depends on its batch mates.
@@ -25,6 +28,9 @@ from ..config import SparsityConfig
 from .pack import PrunedPack
 from .ragged import offsets, segment_ids, to_device
 from .raters import rater_weights
+
+
+V2_HEAD_SHARE = 14 / 32  # SparseVLM+ averages the top 14 of LLaVA-1.5's 32 heads
 
 
 def use_triton(device: torch.device) -> bool:
@@ -74,20 +80,22 @@ class VisualScorer:
                                           split(weights, text_offsets), split(vis_rows, vis_offsets), scale,
                                           prior=prior)
 
-        per_head = attention(None)
         if self.method != "sparsevlm_v2":
-            return per_head.mean(1)
-        corrected = attention(RoPEPrior(positions, *self.rope_tables))
-        return top_half_heads_mean(corrected, per_head, pack.visual)
+            return attention(None).mean(1)
+        return top_heads_mean(attention(RoPEPrior(positions, *self.rope_tables)), pack.visual)
 
 
-def top_half_heads_mean(scores: torch.Tensor, attention: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Per sample, rank heads by their total rater->visual `attention` (n_visual, heads) and
-    average `scores` (n_visual, heads) over the top half of heads."""
-    num_heads = attention.shape[1]
-    chosen = max(1, num_heads // 2)
-    sample = segment_ids(sizes, attention.device)
-    mass = attention.new_zeros(len(sizes), num_heads).index_add_(0, sample, attention)
+def heads_kept(num_heads: int) -> int:
+    return max(1, round(V2_HEAD_SHARE * num_heads))
+
+
+def top_heads_mean(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Per sample (`sizes` rows each), rank heads by their total score over the sample's visual
+    tokens (scores: n_visual, heads) and average the scores over the `heads_kept` best."""
+    num_heads = scores.shape[1]
+    chosen = heads_kept(num_heads)
+    sample = segment_ids(sizes, scores.device)
+    mass = scores.new_zeros(len(sizes), num_heads).index_add_(0, sample, scores)
     top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :chosen]
     selected = torch.zeros_like(mass).scatter_(1, top, 1.0)
     return (scores * selected[sample]).sum(1) / chosen
