@@ -16,10 +16,9 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import parse_method  # noqa: E402
 from workloads import WORKLOADS, device_for, load_model, make_samples  # noqa: E402
 
-from sparsevlm import SamplingParams, VLMEngine  # noqa: E402
+from sparsevlm import SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     workload = WORKLOADS[args.workload]
     samples = make_samples(processor, workload, args.num_samples, args.model)
     params = SamplingParams(max_new_tokens=workload.max_new_tokens, ignore_eos=True)
-    sparsity = parse_method(args.method)
+    sparsity = SparsityConfig.parse(args.method)
     engine.generate(samples, params, sparsity=sparsity)  # warm-up: compile, capture graphs
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:

@@ -30,16 +30,6 @@ from workloads import (  # noqa: E402
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 
 
-def parse_method(text: str) -> SparsityConfig:
-    """"none", "sparsevlm-128" (preset), "fastv-r0.25" (keep ratio) -> SparsityConfig."""
-    method, _, budget = text.partition("-")
-    if not budget:
-        return SparsityConfig(method=method)
-    if budget.startswith("r"):
-        return SparsityConfig(method=method, keep_ratio=float(budget[1:]))
-    return SparsityConfig(method=method, preset=int(budget))
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -134,7 +124,8 @@ def main() -> None:
     parser.add_argument("--hf-batch-sizes", default=None, help="comma list (default 1,4 tiny; on 7B the "
                         "anchors' best batch of each workload; empty: skip HF)")
     parser.add_argument("--methods", default="none,sparsevlm-128",
-                        help="engine configurations: none, METHOD-PRESET or METHOD-rRATIO, comma separated")
+                        help="sparsity labels (sparsevlm/config.py: none, sparsevlm-128, fastv-r0.25, ...), comma "
+                             "separated; separate by ';' when a label holds a schedule's commas")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--static-batch", type=int, default=64, help="on `mixed`, also run static batching in "
                         "groups of this many (0: skip), beside continuous batching with as many seats")
@@ -150,7 +141,7 @@ def main() -> None:
     engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                     compile_vision=not args.no_compile_vision,
                                                                     max_num_seqs=seats))
-    methods = [parse_method(m) for m in args.methods.split(",")]
+    methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]
     rows = []
     for name in args.workloads.split(","):
         n = args.num_samples or (16 if tiny else (128 if name.startswith("vqa") else 64))

@@ -9,6 +9,8 @@ import time
 import pyarrow.compute as pc
 
 from schemas import ConfigError, JobConfig
+from schemas.config import SparsitySection
+from sparsevlm.config import LABEL_GRAMMAR, parse_label, parse_schedule
 
 from .run import run_job
 
@@ -22,6 +24,16 @@ FLAGS = [  # (flag, config field, type, help)
                                    "embedded:tiny-qwen2_5_vl: random weights)"),
     ("--dtype", "model.dtype", str, "bfloat16 (default), float16 or float32 on GPU; CPU always uses float32"),
     ("--method", "sparsity.method", str, "none, sparsevlm (default), sparsevlm_v2, fastv or random"),
+    ("--schedule", "sparsity.schedule", lambda text: _argument(parse_schedule, text),
+     "prune after these layers: 2:300,6:r0.5 (a count, or r and a share of the visual tokens)"),
+    ("--tau", "sparsity.tau", float, "share of deleted tokens recycled into merged ones (default: 0.3)"),
+    ("--theta", "sparsity.theta", float, "merged tokens per recycled token (default: 0.1)"),
+    ("--recycle", "sparsity.recycle", lambda text: _argument(_on_off, text), "on or off (default: on for "
+                                                                             "sparsevlm)"),
+    ("--rank-scale", "sparsity.rank_scale", float, "rank-adaptive keep = scale * rank + bias (default: 13.5)"),
+    ("--rank-bias", "sparsity.rank_bias", float, "rank-adaptive bias (default: 0)"),
+    ("--fastv-layer", "sparsity.fastv_layer", int, "layer fastv and random prune after (default: 2 of 32, "
+                                                   "mapped to the model's depth)"),
     ("--task", "generation.task", str, "caption or vqa"),
     ("--prompt", "generation.prompt", str, "prompt for rows without one"),
     ("--max-new-tokens", "generation.max_new_tokens", int, "tokens to generate at most (default: 128)"),
@@ -36,13 +48,32 @@ FLAGS = [  # (flag, config field, type, help)
 ]
 
 
+def _argument(parse, text: str):
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off"):
+        raise ValueError(f"say on or off, not {text!r}")
+    return text.lower() == "on"
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML job config (sections: input, model, sparsity, generation, media, "
                                     "resources, output); flags override it")
     for flag, field, kind, text in FLAGS:
         p.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} [{field}]")
+    p.add_argument("--sparsity", metavar="LABEL", type=lambda text: _argument(parse_label, text),
+                   help=f"the whole sparsity section in one label (as the method column and the cost report "
+                        f"write it), e.g. sparsevlm-128+tau=0.2; other sparsity flags apply on top. Labels: "
+                        f"{LABEL_GRAMMAR}")
     p.add_argument("--budget", help="sparsity budget: a preset (64, 96, 128, 192) or a keep ratio (0 < r <= 1)")
+    p.add_argument("--rank-adaptive", action="store_true", help="sparsevlm keeps floor(rank_scale * rank(R) + "
+                                                                "rank_bias) tokens, at most the budget")
     p.add_argument("--no-resume", action="store_true", help="refuse to write into an output that has results")
     p.add_argument("--warmup", action="store_true", help="run each GPU actor's first batch twice, timing the "
                                                         "second (compilation stays out of the stats)")
@@ -50,7 +81,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def overrides(args: argparse.Namespace) -> dict:
-    values = {field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field) is not None}
+    values = {}
+    if args.sparsity is not None:  # the label replaces the section: what it does not say is the default
+        values = {f"sparsity.{name}": args.sparsity.get(name, field.default)
+                  for name, field in SparsitySection.model_fields.items()}
+    values |= {field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field) is not None}
+    if args.rank_adaptive:
+        values["sparsity.rank_adaptive"] = True
     if args.budget is not None:
         budget = float(args.budget)
         values["sparsity.preset" if budget > 1 else "sparsity.keep_ratio"] = int(budget) if budget > 1 else budget

@@ -25,7 +25,7 @@ import torch
 
 from schemas.config import GenerationConfig, ModelConfig, ResourcesConfig, SparsitySection
 from schemas.rows import OUTPUT_COLUMNS, output_schema
-from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
+from sparsevlm import EngineConfig, SamplingParams, VLMEngine
 from sparsevlm.engine import is_device_fault
 
 from .engine_loop import EngineLoop
@@ -35,11 +35,6 @@ from .preprocess import from_columns
 
 logger = logging.getLogger(__name__)
 _PASSED_ON = ("id", "task", "prompt", "media_kind", "frames_sampled", "preprocess_ms", "error")
-
-
-def engine_sparsity(section: SparsitySection) -> SparsityConfig:
-    keys = ("method", "preset", "keep_ratio", "schedule", "recycle", "rank_adaptive", "seed")
-    return SparsityConfig(**{k: getattr(section, k) for k in keys if getattr(section, k) is not None})
 
 
 def worker_name() -> str:
@@ -56,7 +51,7 @@ class Predictor:
         self.model_name = model_name
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, model.dtype) if device == "cuda" else torch.float32
-        self.sparsity = engine_sparsity(sparsity)
+        self.sparsity = sparsity.engine_config()
         self.engine = VLMEngine.from_pretrained(resolve_model(model_path), dtype=dtype, device=device,
                                                 sparsity=self.sparsity,
                                                 engine_config=EngineConfig(max_num_seqs=resources.max_num_seqs,

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sparsevlm.config import PRESETS, SPARSITY_METHODS, SparsityConfig  # plain dataclasses, no torch
+
 
 class ConfigError(ValueError):
     """A job configuration that cannot run; the message lists each bad field and why."""
@@ -40,20 +42,38 @@ class ModelConfig(_Section):
 
 
 class SparsitySection(_Section):
-    method: Literal["none", "sparsevlm", "sparsevlm_v2", "fastv", "random"] = "sparsevlm"
-    preset: Literal[64, 96, 128, 192] | None = None
-    keep_ratio: float | None = Field(None, gt=0, le=1)
-    schedule: dict[int, int | float] | None = Field(None, description="{layer: keep count (int) or ratio (float)}")
-    recycle: bool | None = None
-    rank_adaptive: bool = False
-    seed: int = 0
+    """The engine's `SparsityConfig` as a job section: the same fields, and its rules, checked by
+    building it (one definition: sparsevlm/config.py). Unset knobs take the engine's defaults."""
+
+    method: Literal[SPARSITY_METHODS] = Field("sparsevlm", description="none, sparsevlm, sparsevlm_v2, fastv "
+                                                                       "or random")
+    preset: Literal[PRESETS] | None = Field(None, description="the paper's budget: layer-averaged visual tokens "
+                                                              "per 576 (default 128 when no budget is given)")
+    keep_ratio: float | None = Field(None, description="keep this share of the visual tokens, in (0, 1]")
+    schedule: dict[int, int | float] | None = Field(None, description="{layer: keep count (int) or ratio "
+                                                                      "(float)}, pruning after those layers")
+    recycle: bool | None = Field(None, description="merge part of what is deleted (default: on for sparsevlm)")
+    tau: float | None = Field(None, description="share of the deleted tokens recycled (engine default 0.3)")
+    theta: float | None = Field(None, description="merged tokens per recycled token (engine default 0.1)")
+    rank_adaptive: bool = Field(False, description="sparsevlm keeps floor(rank_scale * rank + rank_bias)")
+    rank_scale: float | None = Field(None, description="rank-adaptive scale (engine default 13.5)")
+    rank_bias: float | None = Field(None, description="rank-adaptive bias (engine default 0)")
+    fastv_layer: int | None = Field(None, description="the layer fastv and random prune after (default: K=2 "
+                                                      "of 32, mapped to the model's depth)")
+    seed: int = Field(0, description="the random method's seed")
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "SparsitySection":
-        given = [name for name in ("preset", "keep_ratio", "schedule") if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one budget, not {' and '.join(given)}")
+    def _valid(self) -> "SparsitySection":
+        self.engine_config()
         return self
+
+    def engine_config(self) -> SparsityConfig:
+        values = {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+        return SparsityConfig(**values)
+
+    @property
+    def label(self) -> str:
+        return self.engine_config().label
 
 
 class GenerationConfig(_Section):

@@ -192,6 +192,14 @@ def _parse_keep(text: str, what: str) -> int | float:
     return _number(text, float, what) if "." in text else _number(text, int, what)
 
 
+def parse_schedule(text: str) -> dict[int, int | float]:
+    """"2:300,6:r0.5" -> {2: 300, 6: 0.5}: after layer 2 keep 300 visual tokens, after 6 half of them."""
+    steps = [step.strip().partition(":") for step in text.split(",")]
+    if not all(sep for _, sep, _ in steps):
+        raise ValueError(f"schedule {text!r}: write <layer>:<count or r<ratio>>,... e.g. 2:300,6:r0.5")
+    return {_number(layer, int, "schedule layer"): _parse_keep(keep, "schedule keep") for layer, _, keep in steps}
+
+
 def parse_label(label: str) -> dict:
     """The SparsityConfig fields a label states (only those): "sparsevlm-128+tau=0.2" ->
     {"method": "sparsevlm", "preset": 128, "tau": 0.2}."""
@@ -203,9 +211,7 @@ def parse_label(label: str) -> dict:
     if method == "none" and (budget or options):
         raise ValueError(f"sparsity label {label!r}: 'none' takes no budget or options")
     if ":" in budget:
-        steps = [step.partition(":") for step in budget.split(",")]
-        fields["schedule"] = {_number(layer, int, "schedule layer"): _parse_keep(keep, "schedule keep")
-                              for layer, _, keep in steps}
+        fields["schedule"] = parse_schedule(budget)
     elif budget.startswith("r"):
         fields["keep_ratio"] = _number(budget[1:], float, "keep ratio")
     elif budget:

@@ -164,3 +164,12 @@ def test_from_runs_gives_the_same_figures(built_report, tmp_path):
         for key in ("samples_per_s", "usd_per_million_samples", "kept_tokens_mean", "agreement_with_baseline"):
             assert before[key] == after[key], key
     assert not (tmp_path / "gallery.png").exists()  # finished runs of unknown inputs: no gallery without --input
+
+
+@pytest.mark.parametrize("label", ["none", "sparsevlm-128", "fastv-r0.25", "random-64+seed=3", "sparsevlm_v2-96",
+                                   "sparsevlm-2:300,6:r0.5,15:20+recycle=off", "sparsevlm-192+rank_adaptive=on"])
+def test_any_label_a_run_wrote_is_a_configuration(label):
+    from schemas import JobConfig
+
+    config = JobConfig.load(overrides=overrides_for(label))
+    assert config.sparsity.label == label

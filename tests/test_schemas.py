@@ -65,3 +65,34 @@ def test_output_schema_columns_and_rows():
     with pytest.raises(KeyError, match="not output columns"):
         empty_row(1, answer="x")
     assert all(f"`{name}`" in markdown_table() for name in OUTPUT_COLUMNS)
+
+
+def test_every_sparsity_knob_from_yaml_and_from_flags(tmp_path):
+    from pipeline.cli import overrides, parser
+    from sparsevlm import SparsityConfig
+
+    path = tmp_path / "job.yaml"
+    path.write_text("sparsity:\n  method: sparsevlm\n  schedule: {2: 300, 6: 0.5}\n  tau: 0.2\n  theta: 0.05\n"
+                    "  recycle: false\n  rank_adaptive: true\n  rank_scale: 8\n  rank_bias: 1.5\n  fastv_layer: 3\n")
+    expected = SparsityConfig(method="sparsevlm", schedule={2: 300, 6: 0.5}, tau=0.2, theta=0.05, recycle=False,
+                              rank_adaptive=True, rank_scale=8.0, rank_bias=1.5, fastv_layer=3)
+    assert JobConfig.load(path).sparsity.engine_config() == expected
+    argv = ["--method", "sparsevlm", "--schedule", "2:300,6:r0.5", "--tau", "0.2", "--theta", "0.05", "--recycle",
+            "off", "--rank-adaptive", "--rank-scale", "8", "--rank-bias", "1.5", "--fastv-layer", "3"]
+    assert JobConfig.load(overrides=overrides(parser("").parse_args(argv))).sparsity.engine_config() == expected
+    # one label for the whole section, over a YAML that said otherwise; flags still apply on top
+    flags = overrides(parser("").parse_args(["--sparsity", expected.label]))
+    assert JobConfig.load(path, flags).sparsity.engine_config() == expected
+    flags = overrides(parser("").parse_args(["--sparsity", "fastv-r0.25", "--fastv-layer", "5"]))
+    assert JobConfig.load(path, flags).sparsity.label == "fastv-r0.25+fastv_layer=5"
+
+
+def test_sparsity_rules_are_the_engines():
+    with pytest.raises(ConfigError, match="rank_adaptive applies to method='sparsevlm' only"):
+        JobConfig.load(overrides={"sparsity.method": "fastv", "sparsity.rank_adaptive": True})
+    with pytest.raises(ConfigError, match="tau must be in"):
+        JobConfig.load(overrides={"sparsity.tau": 2.0})
+    from pipeline.cli import parser
+
+    with pytest.raises(SystemExit):
+        parser("").parse_args(["--schedule", "2-300"])

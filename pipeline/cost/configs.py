@@ -1,7 +1,8 @@
-"""Report configurations by name: "dense", "dense-lowres", "<method>[-<budget>]".
+"""Report configurations by name: "dense", "dense-lowres", or a sparsity label (sparsevlm/config.py:
+"sparsevlm-128", "fastv-r0.25", "sparsevlm-2:300,6:200+recycle=off"; the older "fastv-0.25" too).
 
-A budget above 1 is a preset (64, 96, 128, 192: the paper's token counts for 576 visual
-tokens, scaled by each sample's count); at most 1 it is a keep ratio.
+A preset (64, 96, 128, 192) is the paper's layer-averaged token count for 576 visual tokens,
+scaled by each sample's count.
 """
 
 from __future__ import annotations
@@ -10,43 +11,35 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sparsevlm.config import SparsityConfig, parse_label
+
 DEFAULT_CONFIGS = ("dense", "sparsevlm-192", "sparsevlm-128", "sparsevlm-64", "fastv-128", "random-128",
                    "dense-lowres")
-METHODS = ("sparsevlm", "sparsevlm_v2", "fastv", "random")
 
 
 def overrides_for(name: str, lowres_max_pixels: int | None = None) -> dict:
-    """Job-config overrides ({"section.field": value}) of a configuration name."""
-    if name == "dense":
+    """Job-config overrides ({"section.field": value}) of a configuration name: dense, dense-lowres, or any
+    sparsity label (what a run writes in its method column: none, sparsevlm-128, fastv-r0.25, ...)."""
+    if name in ("dense", "none"):
         return {"sparsity.method": "none"}
     if name == "dense-lowres":
         values = {"sparsity.method": "none"}
         return values | ({"media.max_pixels": lowres_max_pixels} if lowres_max_pixels else {})
-    method, _, budget = name.partition("-")
-    if method not in METHODS:
-        raise ValueError(f"unknown configuration {name!r}: use dense, dense-lowres or <method>[-<budget>] "
-                         f"with method one of {', '.join(METHODS)}")
-    values: dict = {"sparsity.method": method}
-    if budget:
-        try:
-            number = float(budget)
-        except ValueError:
-            raise ValueError(f"configuration {name!r}: budget {budget!r} is not a number") from None
-        if number > 1:
-            values["sparsity.preset"] = int(number)
-        else:
-            values["sparsity.keep_ratio"] = number
-    return values
+    try:
+        fields = parse_label(name)
+        SparsityConfig(**fields)  # a budget or option that cannot run fails here, before any run
+    except ValueError as error:
+        raise ValueError(f"unknown configuration {name!r}: use dense, dense-lowres or a sparsity label ({error})") \
+            from None
+    return {f"sparsity.{field}": value for field, value in fields.items()}
 
 
 def budget_of(name: str) -> float | None:
-    """The preset of a name like sparsevlm-128 (None for dense rows and keep ratios): the plots' x axis."""
-    _, _, budget = name.partition("-")
+    """The preset of a name like sparsevlm-128 (None for dense rows, ratios and schedules): the plots' x axis."""
     try:
-        number = float(budget)
+        return parse_label(name).get("preset")
     except ValueError:
         return None
-    return number if number > 1 else None
 
 
 def quarter_resolution_pixels(dense: pa.Table, factor: int = 28) -> int:
