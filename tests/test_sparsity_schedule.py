@@ -31,7 +31,12 @@ def test_presets_at_any_depth_prune_after_mixing_and_meet_the_layer_average_or_s
             assert abs(reached - target) <= 0.02 * target + 1, (config.label, num_layers, num_visual, reached)
         else:  # only where the dense layers alone already pass the target
             assert layers[0] * num_visual / num_layers > target, (config.label, num_layers, num_visual)
-            assert all(step.keep == 1 for step in plan.steps)  # then it prunes as far as it can
+            # then it keeps what the reference depth keeps, scaled to the tokens: never fewer
+            reference = plan_sample(config, 32, num_visual)
+            if method in ("fastv", "random"):
+                assert [s.keep for s in plan.steps] == [s.keep for s in reference.steps]
+            else:
+                assert [s.keep for s in plan.steps] == [s.keep for s in reference.steps][:len(plan.steps)]
         if method in ("fastv", "random"):
             assert len(plan.steps) == 1 and layers[0] == max(2, round(3 * num_layers / 32) - 1)
 

@@ -79,7 +79,7 @@ class SamplePlan:
     @property
     def budget_met(self) -> bool:
         """False where the preset's layer average cannot be reached at this depth (its dense
-        layers alone exceed it): the plan then prunes as far as it can and is over budget."""
+        layers alone exceed it): the plan then keeps the reference's counts and is over budget."""
         target = self.target_equivalent
         return target is None or self.equivalent_visual_tokens <= target * (1 + BUDGET_TOLERANCE) + 0.5
 
@@ -132,9 +132,13 @@ def _budget_schedule(config: SparsityConfig, num_layers: int, num_visual: int) -
     preset = config.preset or DEFAULT_PRESET
     target = budget_target(config, num_visual)
     if config.method in ("fastv", "random"):
-        # One step, sized so that the layer average (dense layers included) is the target.
+        # One step, sized so that the layer average (dense layers included) is the target; out of
+        # reach, the count the reference depth would keep
         first = first_pruning_layer(config, num_layers)
         keep = (target * num_layers - first * num_visual) / (num_layers - first)
+        if keep < 1:
+            dense = FASTV_REFERENCE_LAYER
+            keep = (target * REFERENCE_LAYERS - dense * num_visual) / (REFERENCE_LAYERS - dense)
         return ((first, min(num_visual, max(1, round(keep)))),)
     table = PRESET_KEEP_V2 if config.method == "sparsevlm_v2" else PRESET_KEEP
     reference = table[preset]
@@ -151,12 +155,14 @@ def _budget_schedule(config: SparsityConfig, num_layers: int, num_visual: int) -
         return _plan(config, num_layers, num_visual, list(zip(layers, keeps(alpha)))).equivalent_visual_tokens
 
     # The reference's shape scaled by one factor, found by bisection (the average grows with it),
-    # so that the layer average meets the target here; alpha = 0 is the most this depth can prune.
+    # so that the layer average meets the target here. Out of reach (even one token a step passes
+    # it), the reference's own counts: over budget on average, never under it in final tokens.
     low, high = 0.0, num_visual / (min(reference) * scale)
-    if average(low) <= target:
-        for _ in range(40):
-            middle = (low + high) / 2
-            low, high = (middle, high) if average(middle) <= target else (low, middle)
+    if average(low) > target:
+        return tuple(zip(layers, keeps(1.0)))
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if average(middle) <= target else (low, middle)
     return tuple(zip(layers, keeps(low)))
 
 
@@ -203,9 +209,9 @@ def _plan(config: SparsityConfig, num_layers: int, num_visual: int, budget: list
 def _warn_unmet(label: str, num_layers: int, num_visual: int, target: float, reached: float) -> None:
     """Once per (config, depth, size): the user asked for less than this model can give."""
     logger.warning("%s asks for a layer average of %.1f of %d visual tokens, but this %d-layer model "
-                   "keeps them all for its first %d layers: the closest it gets is %.1f (stats: "
-                   "budget_met=False). Give a `schedule` to prune earlier.", label, target, num_visual,
-                   num_layers, MIN_FIRST_PRUNING_LAYER, reached)
+                   "keeps them all for its first %d layers: running the paper's keep counts instead, a "
+                   "layer average of %.1f (stats: budget_met=False). Give a `schedule` to prune earlier.",
+                   label, target, num_visual, num_layers, MIN_FIRST_PRUNING_LAYER, reached)
 
 
 def prefill_flops(text_config, num_text_tokens: int, visual_per_layer: tuple[int, ...]) -> float:
