@@ -160,8 +160,8 @@ def main() -> None:
             started = time.perf_counter()
             code = job_main(args.kind, "benchmark", base={},
                             argv=["--input", str(source), "--output", str(output), "--batch-size", args.batch_size,
-                                  "--gpu-actors", str(actors), "--gpus-per-actor", args.gpus_per_actor, "--cpu-actors", str(args.cpu_actors_per_gpu * actors),
-                                  "--warmup", *flags])
+                                  "--gpu-actors", str(actors), "--gpus-per-actor", args.gpus_per_actor,
+                                  "--cpu-actors", str(args.cpu_actors_per_gpu * actors), "--warmup", *flags])
             job_seconds = time.perf_counter() - started
             table = pads.dataset(str(output), format="parquet").to_table()
             figures = run_metrics(table, gpu_hour_usd=1.0)
