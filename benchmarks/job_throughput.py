@@ -3,6 +3,8 @@
     python benchmarks/job_throughput.py --model qwen2_5_vl_7b --kind image --rows 768 --gpu-actors 1,2 \
         --json out.json                                                   # multi-GPU scaling
     python benchmarks/job_throughput.py --model qwen2_5_vl_7b --kind video --rows 96 --gpu-actors 1
+    python benchmarks/job_throughput.py --model qwen2_5_vl_7b --kind image --rows 512 --gpu-actors 2 \
+        --gpus-per-actor 0.5 --cpu-actors-per-gpu 7 --method sparsevlm    # two engines sharing one GPU
     python benchmarks/job_throughput.py --model tiny --rows 16            # CPU, seconds
 
 Writes a random-weight checkpoint (the 7B architecture: ~16 GB) and a Parquet of `--rows`
