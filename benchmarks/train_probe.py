@@ -69,7 +69,7 @@ def model_config(tokenizer, small: bool):
 
     ids = vision_token_ids(tokenizer)
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    hidden, layers, heads = (64, 2, 2) if small else (192, 8, 6)
+    hidden, layers, heads = (64, 4, 2) if small else (192, 8, 6)  # 4: SparseVLM never prunes before layer 2
     if hidden // heads != 2 * sum(MROPE_SECTION):
         raise ValueError(f"M-RoPE sections {MROPE_SECTION} must cover head_dim {hidden // heads} / 2")
     # one key/value head per query head: matching a question's words to regions needs distinct keys

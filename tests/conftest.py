@@ -14,6 +14,20 @@ import pytest  # noqa: E402
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
+# Modules whose jobs run engines in Ray workers, which inherit this process's environment: under
+# TRITON_INTERPRET their engines would score in the Triton interpreter, minutes per job. The
+# kernels' own tests (and the in-process engine tests elsewhere) keep it.
+RAY_JOB_MODULES = {"test_jobs", "test_faults", "test_cost_report", "test_ray_job_submit", "test_multinode"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_workers_run_plain_torch(request):
+    with pytest.MonkeyPatch.context() as env:  # module scope: before the modules' own module fixtures
+        if request.module.__name__ in RAY_JOB_MODULES:
+            env.delenv("TRITON_INTERPRET", raising=False)
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
 from pipeline.model_source import TINY_MODEL
 from pipeline.run import done_ids
 
@@ -80,8 +78,26 @@ def job_args(source: Path, out: Path, new_tokens: int = 4) -> list[str]:
             "--max-new-tokens", str(new_tokens), "--batch-size", "8"]
 
 
-def run_job(source: Path, out: Path, new_tokens: int = 4) -> int:
-    return main("image", "test", base={}, argv=job_args(source, out, new_tokens))
+def start_job(cluster, source: Path, out: Path, new_tokens: int = 4) -> subprocess.Popen:
+    """The image job as its own driver process on the cluster, as `ray job submit` runs it (a driver
+    in this process would carry Ray Data state over from other test modules' local clusters)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "RAY_ADDRESS": cluster.address,
+           "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    log = open(out.parent / f"{out.name}-driver.log", "ab")
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "label_images.py"),
+                             *job_args(source, out, new_tokens)], env=env, start_new_session=True, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def finished(process: subprocess.Popen, out: Path) -> int:
+    code = process.wait(timeout=900)
+    if code:
+        print((out.parent / f"{out.name}-driver.log").read_text()[-4000:])
+    return code
+
+
+def run_job(cluster, source: Path, out: Path, new_tokens: int = 4) -> int:
+    return finished(start_job(cluster, source, out, new_tokens), out)
 
 
 def read_rows(out: Path) -> pa.Table:
@@ -107,7 +123,7 @@ def assert_every_id_once(table: pa.Table, ids: list[str]) -> None:
 
 def test_every_node_labels_rows(cluster, tmp_path):
     ids = write_input(tmp_path / "in.parquet", 240)
-    assert run_job(tmp_path / "in.parquet", tmp_path / "out") == 0
+    assert run_job(cluster, tmp_path / "in.parquet", tmp_path / "out") == 0
     table = read_rows(tmp_path / "out")
     assert_every_id_once(table, ids)
     assert {node_of(w) for w in table.column("worker").to_pylist()} == gpu_node_ids()
@@ -116,13 +132,11 @@ def test_every_node_labels_rows(cluster, tmp_path):
 def test_a_node_lost_mid_run_loses_no_row(cluster, tmp_path):
     ids = write_input(tmp_path / "in.parquet", 240)
     out = tmp_path / "out"
-    outcome: dict = {}
-    job = threading.Thread(target=lambda: outcome.update(code=run_job(tmp_path / "in.parquet", out)))
-    job.start()
+    job = start_job(cluster, tmp_path / "in.parquet", out)
     try:
         # remove a node as soon as it has written rows: its engine holds more batches in flight then
         deadline, victim, written = time.time() + 600, None, []
-        while victim is None and time.time() < deadline and job.is_alive():
+        while victim is None and time.time() < deadline and job.poll() is None:
             written = written_rows(out)
             victim = next((node_of(row["worker"]) for row in written), None)
             time.sleep(0.1)
@@ -131,9 +145,7 @@ def test_a_node_lost_mid_run_loses_no_row(cluster, tmp_path):
         node = next(n for n in cluster.list_all_nodes() if n.node_id == victim)
         cluster.remove_node(node, allow_graceful=False)
         removed_at = time.time()
-        job.join(timeout=900)
-        assert not job.is_alive(), "the job did not finish after losing a node"
-        assert outcome["code"] == 0
+        assert finished(job, out) == 0, "the job did not finish after losing a node"
         table = read_rows(out)
         assert_every_id_once(table, ids)
         survivors = gpu_node_ids()
@@ -144,7 +156,8 @@ def test_a_node_lost_mid_run_loses_no_row(cluster, tmp_path):
                  if r["finished_at"] > removed_at + 5]
         assert after and set(after) <= survivors
     finally:
-        job.join(timeout=900)
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
         add_gpu_node(cluster)  # the next test gets the cluster it started with
 
 
@@ -153,12 +166,8 @@ def test_driver_killed_midway_then_rerun_resumes(cluster, tmp_path):
 
     ids = write_input(tmp_path / "in.parquet", 96)
     out = tmp_path / "out"
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "RAY_ADDRESS": cluster.address,
-           "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     # 48 tokens a row (the random-weight model never stops early): the kill lands midway
-    process = subprocess.Popen([sys.executable, str(REPO / "jobs" / "label_images.py"),
-                                *job_args(tmp_path / "in.parquet", out, 48)], env=env,
-                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_job(cluster, tmp_path / "in.parquet", out, 48)
     deadline = time.time() + 600
     while time.time() < deadline and not written_rows(out):
         assert process.poll() is None, "the job ended before it could be killed"
@@ -178,6 +187,6 @@ def test_driver_killed_midway_then_rerun_resumes(cluster, tmp_path):
     written = done_ids(str(out))
     first = 0 if written is None else len(written)
     assert 0 < first < len(ids), "kill the job midway: some rows written, not all"
-    assert run_job(tmp_path / "in.parquet", out, 48) == 0
+    assert run_job(cluster, tmp_path / "in.parquet", out, 48) == 0
     table = read_rows(out)
     assert_every_id_once(table, ids)

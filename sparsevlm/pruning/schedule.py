@@ -99,12 +99,15 @@ def _strictly_increasing(layers: list[int], num_layers: int) -> list[int]:
     return out
 
 
-def first_pruning_layer(config: SparsityConfig, num_layers: int) -> int:
-    """Where a one-step method (fastv, random) or a keep_ratio budget prunes."""
+def first_pruning_layer(config: SparsityConfig, num_layers: int) -> int | None:
+    """Where a one-step method (fastv, random) or a keep_ratio budget prunes; None on a model too
+    shallow to prune there (pruning after the last layer would save nothing)."""
     if config.method in ("fastv", "random") and config.fastv_layer is not None:
-        return min(config.fastv_layer, num_layers - 2)
-    reference = FASTV_REFERENCE_LAYER if config.method in ("fastv", "random") else REFERENCE_PRUNING_LAYERS[0]
-    return min(map_layer(reference, num_layers), num_layers - 2)
+        layer = config.fastv_layer
+    else:
+        reference = FASTV_REFERENCE_LAYER if config.method in ("fastv", "random") else REFERENCE_PRUNING_LAYERS[0]
+        layer = map_layer(reference, num_layers)
+    return layer if layer < num_layers - 1 else None
 
 
 def budget_target(config: SparsityConfig, num_visual: int) -> float | None:
@@ -127,14 +130,16 @@ def _budget_schedule(config: SparsityConfig, num_layers: int, num_visual: int) -
     if config.schedule is not None:
         return tuple((layer, keep if isinstance(keep, int) else max(1, round(keep * num_visual)))
                      for layer, keep in config.schedule if layer < num_layers - 1)
+    first = first_pruning_layer(config, num_layers)
     if config.keep_ratio is not None:
-        return ((first_pruning_layer(config, num_layers), max(1, round(config.keep_ratio * num_visual))),)
+        return () if first is None else ((first, max(1, round(config.keep_ratio * num_visual))),)
     preset = config.preset or DEFAULT_PRESET
     target = budget_target(config, num_visual)
     if config.method in ("fastv", "random"):
         # One step, sized so that the layer average (dense layers included) is the target; out of
         # reach, the count the reference depth would keep
-        first = first_pruning_layer(config, num_layers)
+        if first is None:
+            return ()
         keep = (target * num_layers - first * num_visual) / (num_layers - first)
         if keep < 1:
             dense = FASTV_REFERENCE_LAYER
@@ -146,6 +151,8 @@ def _budget_schedule(config: SparsityConfig, num_layers: int, num_visual: int) -
     if num_layers == REFERENCE_LAYERS:  # the paper's own setting: its table, as written
         return tuple(zip(REFERENCE_PRUNING_LAYERS, (max(1, round(keep * scale)) for keep in reference)))
     layers = _strictly_increasing([map_layer(layer, num_layers) for layer in REFERENCE_PRUNING_LAYERS], num_layers)
+    if not layers:  # too shallow to prune after layer 2: dense, flagged by the plan
+        return ()
     reference = reference[:len(layers)]
 
     def keeps(alpha: float) -> list[int]:
