@@ -39,3 +39,26 @@ def resolve_model(path: str | None) -> str:
             pass  # another actor finished first
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def check_media_kind(model_type: str, adapter, kind: str) -> None:
+    if kind not in adapter.media_kinds:
+        raise ValueError(f"{model_type} models take {' and '.join(f'{k}s' for k in adapter.media_kinds)} only; "
+                         f"this job labels {kind}s")
+
+
+def check_model(path: str | None, kind: str) -> str:
+    """Fail before anything runs if the model's family has no adapter or does not take `kind`;
+    -> its model_type. Reads config.json only (a hub id fetches that one file)."""
+    from transformers import AutoConfig
+
+    from sparsevlm.adapters import adapter_class_for
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(path))
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"model {path}: cannot read its config.json ({reason})") from None
+    adapter = adapter_class_for(config.model_type)
+    check_media_kind(config.model_type, adapter, kind)
+    return config.model_type

@@ -8,7 +8,6 @@ bad row: its `error` says which step failed and why.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from schemas.stages import PREPROCESSED_COLUMNS, preprocessed_schema
 from sparsevlm.adapters import adapter_class_for
 
 from .media import MediaError, decode_image, decode_video, fetch_bytes
-from .model_source import resolve_model
+from .model_source import check_media_kind, resolve_model
 
 DEFAULT_PROMPTS = {
     ("caption", "image"): "Describe this image in one or two sentences.",
@@ -42,10 +41,9 @@ class Preprocessor:
         adapter = adapter_class_for(config.model_type)
         self.processor = adapter.load_processor(path, config)
         self.preparer = adapter.load_preparer(config)
-        bounds = {k: getattr(media, k) for k in ("min_pixels", "max_pixels") if getattr(media, k) is not None}
-        if bounds:  # otherwise the model's own preprocessor config decides
-            self.processor.image_cfg = dataclasses.replace(self.processor.image_cfg, **bounds)
-            self.processor.video_cfg = dataclasses.replace(self.processor.video_cfg, **bounds)
+        check_media_kind(config.model_type, adapter, kind)
+        if media.min_pixels is not None or media.max_pixels is not None:  # else the checkpoint's config decides
+            self.processor.bound_pixels(media.min_pixels, media.max_pixels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []

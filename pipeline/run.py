@@ -26,7 +26,7 @@ from pyarrow import fs
 from schemas import JobConfig
 from schemas.rows import empty_row, output_schema
 
-from .model_source import EMBEDDED_MODEL, EMBEDDED_NAMES, REPO
+from .model_source import EMBEDDED_MODEL, EMBEDDED_NAMES, REPO, check_model
 
 logger = logging.getLogger(__name__)
 PREPROCESS_BATCH = 4  # rows per CPU-actor call: small, so decoding streams into engine batches
@@ -85,6 +85,7 @@ def plan_job(config: JobConfig, kind: str) -> Plan:
     input_uri = config.input.uri or str(SAMPLE_DATA[kind])
     media_column = config.input.media_column or kind
     output_uri = config.output.uri or str(Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_model(config.model.path, kind)
     ids = read_ids(input_uri, config.input.id_column, media_column)
     if config.input.limit:
         ids = ids[:config.input.limit]

@@ -238,7 +238,7 @@ class ModelRunner:
 
     @staticmethod
     def _layer(layer, hidden: torch.Tensor, rotary, ctx: ForwardContext) -> torch.Tensor:
-        return layer(hidden, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+        return layer(hidden, attention_mask=None, position_ids=None, use_cache=False,
                      position_embeddings=rotary, sparsevlm_ctx=ctx)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ resize kernel's rounding (see tests/test_preprocess.py for the tolerance).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -171,6 +172,8 @@ class QwenVLProcessor:
         sample = processor(text=[prompt], images=[img], return_tensors="pt")
     """
 
+    media_kinds = ("image", "video")
+
     def __init__(self, tokenizer, image_cfg: VisionPreprocessConfig, video_cfg: VisionPreprocessConfig,
                  with_second_per_grid_ts: bool):
         self.tokenizer = tokenizer
@@ -192,6 +195,12 @@ class QwenVLProcessor:
         video_cfg = (VisionPreprocessConfig.from_json(video_json, 128 * 28 * 28, 28 * 28 * 768)
                      if video_json.exists() else image_cfg)
         return cls(tokenizer, image_cfg, video_cfg, with_second_per_grid_ts=model_type == "qwen2_5_vl")
+
+    def bound_pixels(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """Override the checkpoint's resize bounds (pixels per image / frame); None keeps its own."""
+        bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        self.image_cfg = dataclasses.replace(self.image_cfg, **bounds)
+        self.video_cfg = dataclasses.replace(self.video_cfg, **bounds)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,

@@ -1,4 +1,4 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL checkpoints built offline, for tests, demos and CPU benchmarks.
+"""Tiny checkpoints of every supported family, built offline, for tests, demos and CPU benchmarks.
 
 A checkpoint is written exactly like a hub one (`save_pretrained` safetensors, tokenizer
 with chat template, preprocessor configs), so everything downstream goes through the
@@ -6,6 +6,7 @@ real `from_pretrained` path. The tokenizer is a real byte-level BPE trained here
 small built-in corpus; weights are random (seeded).
 
     python -m sparsevlm.tiny qwen2_5_vl /tmp/tiny-qwen25
+    python -m sparsevlm.tiny llava /tmp/tiny-llava      # LLaVA-1.5: CLIP tower, Llama decoder
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ SPECIAL_TOKENS = [
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
+# LLaVA-1.5's prompt format (llava-hf's template): "USER: <image>\n<question> ASSISTANT:"
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+LLAVA_IMAGE_SIZE = 56  # 4x4 patches of 14: 16 visual tokens per image (the real model: 336, 576)
+
 _CORPUS = """
 You are a helpful assistant. Describe this image. What is in the picture? Answer with one word.
 What colour is the car on the left? How many people are in the photo? Is there a dog? Read the sign.
@@ -54,21 +66,27 @@ TEXT_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num
                  num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 MROPE_SECTION = [2, 3, 3]  # sums to head_dim / 2 = 8
 PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)  # 4..64 visual tokens per image
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):
-    """A byte-level BPE with Qwen's special tokens and chat template, trained on `corpus` lines."""
+def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None, family: str = "qwen2_5_vl"):
+    """A byte-level BPE with the family's special tokens and chat template, trained on `corpus` lines."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    llava = family == "llava"
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAVA_SPECIAL_TOKENS if llava else SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus or _CORPUS.split("\n"), trainer)
+    if llava:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>",
+                                       pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                       chat_template=LLAVA_CHAT_TEMPLATE)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=QWEN_VL_CHAT_TEMPLATE)
 
@@ -80,9 +98,40 @@ def vision_token_ids(tokenizer) -> dict[str, int]:
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
 
 
+def _llava_config(tokenizer, initializer_range: float):
+    from transformers import LlavaConfig
+
+    eos = [tokenizer.convert_tokens_to_ids("</s>")]
+    pad, bos = tokenizer.convert_tokens_to_ids("<pad>"), tokenizer.convert_tokens_to_ids("<s>")
+    text = dict(TEXT_DIMS, model_type="llama", vocab_size=len(tokenizer), initializer_range=initializer_range,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, eos_token_id=eos[0],
+                bos_token_id=bos, pad_token_id=pad)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=2, image_size=LLAVA_IMAGE_SIZE, patch_size=14, projection_dim=32,
+                  initializer_range=initializer_range)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids(
+        "<image>"), vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return config, eos
+
+
+def write_llava_processor_configs(path: Path, image_size: int) -> None:
+    """llava-hf's files: a CLIP-style image processor (shortest edge, centre crop) and the processor."""
+    (path / "preprocessor_config.json").write_text(json.dumps(dict(
+        image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor", do_resize=True,
+        size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True, do_pad=False), indent=2))
+    (path / "processor_config.json").write_text(json.dumps(dict(
+        processor_class="LlavaProcessor", patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>"), indent=2))
+    (path / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
+
+
 def _model_config(family: str, tokenizer, initializer_range: float):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
+    if family == "llava":
+        return _llava_config(tokenizer, initializer_range)
     ids = vision_token_ids(tokenizer)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     text = dict(TEXT_DIMS, vocab_size=len(tokenizer), initializer_range=initializer_range,
@@ -98,7 +147,7 @@ def _model_config(family: str, tokenizer, initializer_range: float):
                       temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
                       initializer_range=initializer_range)
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), eos
-    raise ValueError(f"unknown tiny family {family!r}; choose qwen2_vl or qwen2_5_vl")
+    raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
 
 
 def write_preprocessor_configs(path: Path, family: str, min_pixels: int, max_pixels: int) -> None:
@@ -127,21 +176,25 @@ def build_tiny_checkpoint(path: str | Path, family: str = "qwen2_5_vl", seed: in
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(family=family)
     config, eos = _model_config(family, tokenizer, initializer_range)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], bos_token_id=eos[1],
-                                               do_sample=False)
+    text = config.get_text_config()
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=text.pad_token_id,
+                                               bos_token_id=text.bos_token_id, do_sample=False)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    write_preprocessor_configs(path, family, **PIXELS)
+    if family == "llava":
+        write_llava_processor_configs(path, LLAVA_IMAGE_SIZE)
+    else:
+        write_preprocessor_configs(path, family, **PIXELS)
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("family", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("family", choices=TINY_FAMILIES)
     parser.add_argument("path")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

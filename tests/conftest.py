@@ -12,12 +12,13 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 import pytest  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+ALL_FAMILIES = FAMILIES + ("llava",)  # modules that hold for every family ask for `any_engine`
 
 
 # Modules whose jobs run engines in Ray workers, which inherit this process's environment: under
 # TRITON_INTERPRET their engines would score in the Triton interpreter, minutes per job. The
 # kernels' own tests (and the in-process engine tests elsewhere) keep it.
-RAY_JOB_MODULES = {"test_jobs", "test_faults", "test_cost_report", "test_ray_job_submit", "test_multinode"}
+RAY_JOB_MODULES = {"test_jobs", "test_faults", "test_cost_report", "test_ray_job_submit", "test_multinode", "test_llava"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,11 +43,20 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
     from sparsevlm.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
-    return {family: str(build_tiny_checkpoint(root / family, family)) for family in FAMILIES}
+    return {family: str(build_tiny_checkpoint(root / family, family)) for family in ALL_FAMILIES}
+
+
+def _cpu_engine(path: str):
+    from sparsevlm import VLMEngine
+
+    return VLMEngine.from_pretrained(path, dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def engine(request, tiny_checkpoints):
-    from sparsevlm import VLMEngine
+    return _cpu_engine(tiny_checkpoints[request.param])
 
-    return VLMEngine.from_pretrained(tiny_checkpoints[request.param], dtype=torch.float32, device="cpu")
+
+@pytest.fixture(scope="session", params=ALL_FAMILIES)
+def any_engine(request, tiny_checkpoints):
+    return _cpu_engine(tiny_checkpoints[request.param])

@@ -18,6 +18,13 @@ def reference_tokens(engine, sample: dict, max_new_tokens: int) -> list[int]:
     return out[0, sample["input_ids"].shape[1]:].tolist()
 
 
+
+@pytest.fixture(scope="module")
+def engine(any_engine):
+    """Every family: Qwen2-VL, Qwen2.5-VL and LLaVA-1.5."""
+    return any_engine
+
+
 @pytest.fixture(scope="module")
 def cases(engine):
     samples = mixed_samples(engine.processor)
@@ -55,10 +62,14 @@ def test_output_does_not_depend_on_batching(engine, cases, engine_config):
 def test_visual_token_counts(engine, cases):
     samples, params, _ = cases
     results = engine.generate(samples, params)
-    merge = engine.model.config.vision_config.spatial_merge_size ** 2
+    vision = engine.model.config.vision_config
     for sample, result in zip(samples, results):
-        grids = [sample[k] for k in ("image_grid_thw", "video_grid_thw") if k in sample]
-        assert result.stats.n_visual_tokens == sum(int(g.prod(-1).sum()) // merge for g in grids)
+        if hasattr(vision, "spatial_merge_size"):  # Qwen-VL: a token per merged group of the grid
+            grids = [sample[k] for k in ("image_grid_thw", "video_grid_thw") if k in sample]
+            expected = sum(int(g.prod(-1).sum()) for g in grids) // vision.spatial_merge_size ** 2
+        else:  # LLaVA: a token per patch of the tower's square input
+            expected = len(sample.get("pixel_values", ())) * (vision.image_size // vision.patch_size) ** 2
+        assert result.stats.n_visual_tokens == expected
 
 
 def test_stop_token_ends_generation(engine, cases):

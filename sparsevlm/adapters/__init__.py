@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .base import ModelAdapter, PreparedSample, VisualFeatures
+from .llava import LlavaAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (QwenVLAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (QwenVLAdapter, LlavaAdapter)
 SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.model_types)
 
 

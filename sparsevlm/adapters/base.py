@@ -49,13 +49,43 @@ class VisualFeatures:
     by_token_id: dict[int, torch.Tensor] = field(default_factory=dict)  # token id -> (n_tokens, H)
 
 
+def checked_input_ids(sample, index: int, vocab_size: int) -> torch.Tensor:
+    """One processor output's token ids as (L,) long on the host, padding dropped, or a clear error."""
+    if not isinstance(sample, dict) and not hasattr(sample, "keys"):
+        raise TypeError(f"sample {index}: expected the processor's output dict, got {type(sample).__name__}")
+    if sample.get("input_ids") is None:
+        raise ValueError(f"sample {index} has no input_ids; pass what processor(text=[prompt], images=...) "
+                         "returns for that one sample")
+    input_ids = torch.as_tensor(sample["input_ids"]).long().cpu()
+    if input_ids.dim() == 2:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"sample {index}: input_ids has batch size {input_ids.shape[0]}; "
+                             "give one dict per sample (processor called on one prompt)")
+        mask = sample.get("attention_mask")
+        if mask is not None and tuple(mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"sample {index}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
+                             f"shape {tuple(input_ids.shape)}")
+        input_ids = input_ids[0]
+        if mask is not None:  # drop padding a batched processor call may have added
+            input_ids = input_ids[torch.as_tensor(mask)[0].bool().cpu()]
+    if input_ids.numel() == 0:
+        raise ValueError(f"sample {index}: input_ids is empty")
+    if int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0:
+        raise ValueError(f"sample {index}: token id {int(input_ids.max())} is outside the model's vocabulary "
+                         f"({vocab_size}); the tokenizer/processor does not belong to this model")
+    return input_ids
+
+
 class ModelAdapter:
     """Interface; see adapters/qwen_vl.py for the reference implementation."""
 
     model_types: tuple[str, ...] = ()
+    media_kinds: tuple[str, ...] = ()  # what its processor takes: "image", "video"
 
     def __init__(self, model):
         self.model = model
+        self.device = model.lm_head.weight.device
+        self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @classmethod
     def load_processor(cls, path_or_id, config):
@@ -79,7 +109,41 @@ class ModelAdapter:
         raise NotImplementedError
 
     def start_upload(self, sample: PreparedSample) -> None:
-        """Start copying the sample's pixels to the device (overlapping the running step)."""
+        """Copy the sample's pixels on a side stream now, so the copy overlaps whatever the GPU is running."""
+        if self._upload_stream is None or sample.upload_done is not None:
+            return
+        with torch.cuda.stream(self._upload_stream):
+            for key, value in sample.visual_inputs.items():
+                if key.endswith("grid_thw"):
+                    continue
+                items = value if isinstance(value, list) else [value]
+                uploaded = [item.to(self.device, non_blocking=True) for item in items]
+                sample.on_device[key] = uploaded if isinstance(value, list) else uploaded[0]
+            sample.upload_done = torch.cuda.Event()
+            sample.upload_done.record(self._upload_stream)
+
+    def wait_for_uploads(self, samples: list[PreparedSample]) -> None:
+        """The current stream waits for the samples' side-stream copies (encode_visual calls this first)."""
+        if self._upload_stream is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        for sample in samples:
+            if sample.upload_done is not None:
+                current.wait_event(sample.upload_done)
+
+    def uploaded(self, sample: PreparedSample, key: str):
+        """The sample's `key` pixels on the device (its upload, or a copy now), each tensor's memory
+        kept until the current stream has read it."""
+        value = (sample.on_device or sample.visual_inputs)[key]
+        items = [self._mark_used(item).to(self.device, non_blocking=True)
+                 for item in (value if isinstance(value, list) else [value])]
+        return items if isinstance(value, list) else items[0]
+
+    def _mark_used(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An upload made on the side stream is read on the current one: keep its memory until then."""
+        if self._upload_stream is not None and tensor.is_cuda:
+            tensor.record_stream(torch.cuda.current_stream(self.device))
+        return tensor
 
     # -- device side -------------------------------------------------------------------------------
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:

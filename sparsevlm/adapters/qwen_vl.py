@@ -17,7 +17,7 @@ from ..attention import VISION_ATTENTION_NAME, attention_implementation
 from ..preprocess import (
     IMAGE_PAD, TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, VIDEO_PAD, QwenVLProcessor, normalization_table, normalize_frames,
     patchify)
-from .base import ModelAdapter, PreparedSample, VisualFeatures
+from .base import ModelAdapter, PreparedSample, VisualFeatures, checked_input_ids
 
 _VISUAL_KINDS = (  # (token type, pixel key, grid key, kind name)
     (TOKEN_TYPE_IMAGE, "pixel_values", "image_grid_thw", "image"),
@@ -51,28 +51,7 @@ class QwenVLPreparer:
         return cls(AutoConfig.from_pretrained(path_or_id))
 
     def prepare(self, sample: dict, index: int, pin: bool = False) -> PreparedSample:
-        if not isinstance(sample, dict) and not hasattr(sample, "keys"):
-            raise TypeError(f"sample {index}: expected the processor's output dict, got {type(sample).__name__}")
-        if sample.get("input_ids") is None:
-            raise ValueError(f"sample {index} has no input_ids; pass what processor(text=[prompt], images=...) "
-                             "returns for that one sample")
-        input_ids = torch.as_tensor(sample["input_ids"]).long().cpu()
-        if input_ids.dim() == 2:
-            if input_ids.shape[0] != 1:
-                raise ValueError(f"sample {index}: input_ids has batch size {input_ids.shape[0]}; "
-                                 "give one dict per sample (processor called on one prompt)")
-            mask = sample.get("attention_mask")
-            if mask is not None and tuple(mask.shape) != tuple(input_ids.shape):
-                raise ValueError(f"sample {index}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
-                                 f"shape {tuple(input_ids.shape)}")
-            input_ids = input_ids[0]
-            if mask is not None:  # drop padding a batched processor call may have added
-                input_ids = input_ids[torch.as_tensor(mask)[0].bool().cpu()]
-        if input_ids.numel() == 0:
-            raise ValueError(f"sample {index}: input_ids is empty")
-        if int(input_ids.max()) >= self.vocab_size or int(input_ids.min()) < 0:
-            raise ValueError(f"sample {index}: token id {int(input_ids.max())} is outside the model's vocabulary "
-                             f"({self.vocab_size}); the tokenizer/processor does not belong to this model")
+        input_ids = checked_input_ids(sample, index, self.vocab_size)
         token_types = torch.zeros_like(input_ids, dtype=torch.int32)
         is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
         visual_inputs: dict = {}
@@ -155,6 +134,7 @@ class QwenVLPreparer:
 
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    media_kinds = QwenVLProcessor.media_kinds
 
     def __init__(self, model):
         super().__init__(model)
@@ -165,12 +145,10 @@ class QwenVLAdapter(ModelAdapter):
         self.embed_tokens, self.layers, self.norm = text.embed_tokens, text.layers, text.norm
         self.rotary_emb = text.rotary_emb
         self.lm_head = model.lm_head
-        self.device = self.lm_head.weight.device
         self.preparer = QwenVLPreparer(model.config, inner.get_rope_index)
         self.token_ids = self.preparer.token_ids
         self.vocab_size = self.text_config.vocab_size
         self._pixel_configs: dict[str, tuple] = {}  # kind -> (preprocess config, device normalisation table)
-        self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._compiled_blocks: torch.nn.ModuleList | None = None
 
     @classmethod
@@ -205,20 +183,6 @@ class QwenVLAdapter(ModelAdapter):
     def prepare(self, sample: dict, index: int) -> PreparedSample:
         return self.preparer.prepare(sample, index, pin=self.device.type == "cuda")
 
-    def start_upload(self, sample: PreparedSample) -> None:
-        """Copy the pixels on a side stream now, so the copy overlaps whatever the GPU is running."""
-        if self._upload_stream is None or sample.upload_done is not None:
-            return
-        with torch.cuda.stream(self._upload_stream):
-            for key, value in sample.visual_inputs.items():
-                if key.endswith("grid_thw"):
-                    continue
-                items = value if isinstance(value, list) else [value]
-                uploaded = [item.to(self.device, non_blocking=True) for item in items]
-                sample.on_device[key] = uploaded if isinstance(value, list) else uploaded[0]
-            sample.upload_done = torch.cuda.Event()
-            sample.upload_done.record(self._upload_stream)
-
     def compile_vision(self) -> None:
         """Compile each vision block (dynamic shapes); used only inside `encode_visual`, so the
         model itself, and `model.generate`, stay as loaded."""
@@ -227,11 +191,7 @@ class QwenVLAdapter(ModelAdapter):
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         """One vision-tower call per kind over all images (videos) of the pack, varlen attention."""
         features = VisualFeatures()
-        if self._upload_stream is not None:
-            current = torch.cuda.current_stream(self.device)
-            for sample in samples:
-                if sample.upload_done is not None:
-                    current.wait_event(sample.upload_done)
+        self.wait_for_uploads(samples)
         for token_type, pixel_key, grid_key, kind in _VISUAL_KINDS:
             chosen = [s for s in samples if grid_key in s.visual_inputs]
             if not chosen:
@@ -248,24 +208,14 @@ class QwenVLAdapter(ModelAdapter):
         """The sample's patches of one kind on the device, in the tower's dtype: uploaded float
         patches, or uint8 frames normalised and patchified here (equal to the processor's)."""
         dtype = self.visual.dtype
-        source = sample.on_device or sample.visual_inputs
         if pixel_key in sample.visual_inputs:
-            return self._mark_used(source[pixel_key]).to(device=self.device, dtype=dtype, non_blocking=True)
+            return self.uploaded(sample, pixel_key).to(dtype)
         if kind not in self._pixel_configs:
             raise ValueError(f"{kind} frames need the processor's normalisation; build the engine with a processor "
                              "that has image_cfg / video_cfg")
         cfg, table = self._pixel_configs[kind]
-        patches = []
-        for frames in source[f"{kind}_frames"]:
-            frames = self._mark_used(frames).to(self.device, non_blocking=True)
-            patches.append(patchify(normalize_frames(frames, table), cfg)[0].to(dtype))
-        return torch.cat(patches)
-
-    def _mark_used(self, tensor: torch.Tensor) -> torch.Tensor:
-        """An upload made on the side stream is read on the current one: keep its memory until then."""
-        if self._upload_stream is not None and tensor.is_cuda:
-            tensor.record_stream(torch.cuda.current_stream(self.device))
-        return tensor
+        return torch.cat([patchify(normalize_frames(frames, table), cfg)[0].to(dtype)
+                          for frames in self.uploaded(sample, f"{kind}_frames")])
 
     @contextlib.contextmanager
     def _vision_blocks(self):
