@@ -101,6 +101,7 @@ class ModelRunner:
         positions = self._to_device(torch.cat([s.positions for s in samples], dim=1))
         layer_starts = self._to_device(torch.tensor([seq.block.layer_starts for seq in pack], dtype=torch.long).T)
         hidden = self.adapter.embed(input_ids, features)  # T, H
+        residuals = self.adapter.visual_residuals(input_ids, features)
         scorer, sparse_spans = None, []
         if stream.pruning_layers:
             sparse_spans.append(self.clock.mark())
@@ -115,6 +116,8 @@ class ModelRunner:
                 slot_mapping=stream.slot_mapping(layer_starts[layer_idx]),
                 capture=layer_idx in stream.pruning_layers and sparsity.method != "random")
             hidden = self._layer(layer, hidden[None], rotary, ctx)[0]
+            if layer_idx < len(residuals):  # before this layer's pruning: every visual token gets its own
+                hidden = stream.add_to_visual_rows(hidden, residuals[layer_idx])
             if layer_idx in stream.pruning_layers:
                 sparse_spans.append(self.clock.mark())
                 q, k = ctx.prefill.captured or (None, None)

@@ -48,6 +48,28 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def smart_resize_clip(num_frames: int, height: int, width: int, factor: int, temporal_factor: int,
+                      min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen3-VL's video resize: the pixel bounds hold for the whole clip (T x H x W), not per frame
+    (transformers' Qwen3VLVideoProcessor without its optional per-frame cap)."""
+    num_frames = max(num_frames, temporal_factor)
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be below 200, got {height}x{width}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 @dataclass(frozen=True)
 class VisionPreprocessConfig:
     """One `preprocessor_config.json` (images) or `video_preprocessor_config.json` (videos)."""
@@ -147,14 +169,19 @@ def resized_image(image, cfg: VisionPreprocessConfig) -> np.ndarray:
     return resize_frame(frame, size)[None]
 
 
-def resized_video(frames: Sequence, cfg: VisionPreprocessConfig) -> np.ndarray:
-    """(T, H, W, 3) uint8 of the already-sampled frames (PIL images or uint8 HxWxC arrays)."""
+def resized_video(frames: Sequence, cfg: VisionPreprocessConfig, clip_budget: bool = False) -> np.ndarray:
+    """(T, H, W, 3) uint8 of the already-sampled frames (PIL images or uint8 HxWxC arrays).
+    `clip_budget`: the pixel bounds are for the whole clip (Qwen3-VL), else per frame."""
     if isinstance(frames, np.ndarray) and frames.ndim == 4:
         frames = list(frames)
     if len(frames) == 0:
         raise ValueError("a video needs at least one frame")
     frames = [_to_rgb_uint8(f) for f in frames]
-    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    if clip_budget:
+        size = smart_resize_clip(len(frames), frames[0].height, frames[0].width, cfg.factor, cfg.temporal_patch_size,
+                                 cfg.min_pixels, cfg.max_pixels)
+    else:
+        size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     return np.stack([resize_frame(f, size) for f in frames])
 
 
@@ -165,7 +192,7 @@ def frames_grid(frames: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[int, i
 
 
 class QwenVLProcessor:
-    """Drop-in for transformers' Qwen2-VL / Qwen2.5-VL processor, one sample per call.
+    """Drop-in for transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor, one sample per call.
 
         processor = QwenVLProcessor.from_pretrained(path)
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -175,10 +202,13 @@ class QwenVLProcessor:
     media_kinds = ("image", "video")
 
     def __init__(self, tokenizer, image_cfg: VisionPreprocessConfig, video_cfg: VisionPreprocessConfig,
-                 with_second_per_grid_ts: bool):
+                 with_second_per_grid_ts: bool, timestamped_videos: bool = False):
+        """`timestamped_videos` (Qwen3-VL): each frame group of a video is its own visual span
+        after a "<t seconds>" text, and the video pixel bounds hold for the whole clip."""
         self.tokenizer = tokenizer
         self.image_cfg, self.video_cfg = image_cfg, video_cfg
         self.with_second_per_grid_ts = with_second_per_grid_ts
+        self.timestamped_videos = timestamped_videos
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
 
@@ -194,7 +224,8 @@ class QwenVLProcessor:
         video_json = path / "video_preprocessor_config.json"
         video_cfg = (VisionPreprocessConfig.from_json(video_json, 128 * 28 * 28, 28 * 28 * 768)
                      if video_json.exists() else image_cfg)
-        return cls(tokenizer, image_cfg, video_cfg, with_second_per_grid_ts=model_type == "qwen2_5_vl")
+        return cls(tokenizer, image_cfg, video_cfg, with_second_per_grid_ts=model_type == "qwen2_5_vl",
+                   timestamped_videos=model_type == "qwen3_vl")
 
     def bound_pixels(self, min_pixels: int | None, max_pixels: int | None) -> None:
         """Override the checkpoint's resize bounds (pixels per image / frame); None keeps its own."""
@@ -232,13 +263,16 @@ class QwenVLProcessor:
             image_tokens = self._visual(out, "image", "pixel_values", [resized_image(im, self.image_cfg) for im in images],
                                         self.image_cfg, return_frames)
         if videos:
-            video_tokens = self._visual(out, "video", "pixel_values_videos",
-                                        [resized_video(v, self.video_cfg) for v in videos], self.video_cfg,
-                                        return_frames)
+            resized = [resized_video(v, self.video_cfg, clip_budget=self.timestamped_videos) for v in videos]
+            video_tokens = self._visual(out, "video", "pixel_values_videos", resized, self.video_cfg, return_frames)
             if self.with_second_per_grid_ts:
                 out["second_per_grid_ts"] = torch.tensor([self.video_cfg.temporal_patch_size / video_fps] * len(videos))
         text = _expand_pad_tokens(text, IMAGE_PAD, image_tokens)
-        text = _expand_pad_tokens(text, VIDEO_PAD, video_tokens)
+        if self.timestamped_videos and videos:
+            text = _timestamped_videos(text, out["video_grid_thw"].tolist(), [len(v) for v in resized],
+                                       video_fps, self.video_cfg)
+        else:
+            text = _expand_pad_tokens(text, VIDEO_PAD, video_tokens)
         input_ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
         token_type = torch.zeros_like(input_ids, dtype=torch.int32)
         token_type[input_ids == self.image_token_id] = TOKEN_TYPE_IMAGE
@@ -264,6 +298,33 @@ class QwenVLProcessor:
 
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+
+def frame_group_times(num_frames: int, fps: float, temporal_patch: int) -> list[float]:
+    """Qwen3-VL's timestamp of each frame group: the mean time of its frames (frame i at i / fps;
+    the last frame repeated up to the temporal patch, as the pixels are)."""
+    times = [i / fps for i in range(num_frames)] + [(num_frames - 1) / fps] * (-num_frames % temporal_patch)
+    return [(times[i] + times[i + temporal_patch - 1]) / 2 for i in range(0, len(times), temporal_patch)]
+
+
+def _timestamped_videos(text: str, grids: list[list[int]], frame_counts: list[int], fps: float,
+                        cfg: VisionPreprocessConfig) -> str:
+    """Each video's span becomes "<t seconds><|vision_start|>pads<|vision_end|>" per frame group."""
+    wrapped = f"{VISION_START}{VIDEO_PAD}{VISION_END}"
+    marker = wrapped if text.count(wrapped) == text.count(VIDEO_PAD) else VIDEO_PAD
+    pieces = text.split(marker)
+    if len(pieces) - 1 != len(grids):
+        raise ValueError(f"prompt has {len(pieces) - 1} {VIDEO_PAD} token(s) but {len(grids)} video(s) were given; "
+                         f"put one {VIDEO_PAD} per video in the prompt (apply_chat_template does this)")
+    expanded = [pieces[0]]
+    for (t, h, w), frames, piece in zip(grids, frame_counts, pieces[1:]):
+        per_group = VIDEO_PAD * (h * w // cfg.merge_size ** 2)
+        times = frame_group_times(frames, fps, cfg.temporal_patch_size)
+        expanded += [f"<{time:.1f} seconds>{VISION_START}{per_group}{VISION_END}" for time in times[:t]] + [piece]
+    return "".join(expanded)
 
 
 def _expand_pad_tokens(text: str, pad: str, counts: list[int]) -> str:

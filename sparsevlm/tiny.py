@@ -66,7 +66,9 @@ TEXT_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num
                  num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 MROPE_SECTION = [2, 3, 3]  # sums to head_dim / 2 = 8
 PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)  # 4..64 visual tokens per image
-TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+QWEN3_PIXELS = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)  # patch 16, merge 2: 4..64 tokens per image
+QWEN3_VIDEO_PIXELS = dict(min_pixels=32 * 32 * 8, max_pixels=32 * 32 * 256)  # for the whole clip (T x H x W)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -147,20 +149,37 @@ def _model_config(family: str, tokenizer, initializer_range: float):
                       temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
                       initializer_range=initializer_range)
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), eos
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        text.update(head_dim=TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"])
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_DIMS["hidden_size"],
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1], initializer_range=initializer_range)
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **ids), eos
     raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
 
 
-def write_preprocessor_configs(path: Path, family: str, min_pixels: int, max_pixels: int) -> None:
-    """The JSON files a hub checkpoint carries, in transformers' own format."""
-    processor_class = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
+def write_preprocessor_configs(path: Path, family: str, min_pixels: int, max_pixels: int,
+                               video_pixels: dict | None = None) -> None:
+    """The JSON files a hub checkpoint carries, in transformers' own format. `video_pixels`:
+    the video processor's own bounds (Qwen3-VL: per clip), else the image ones."""
+    processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                       "qwen3_vl": "Qwen3VLProcessor"}[family]
+    qwen3 = family == "qwen3_vl"
+    mean, std = ([0.5] * 3, [0.5] * 3) if qwen3 else (CLIP_MEAN, CLIP_STD)
     common = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
-                  image_mean=CLIP_MEAN, image_std=CLIP_STD, patch_size=14, temporal_patch_size=2, merge_size=2,
-                  resample=3, size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                  image_mean=mean, image_std=std, patch_size=16 if qwen3 else 14, temporal_patch_size=2,
+                  merge_size=2, resample=3, size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                   processor_class=processor_class)
+    video = dict(common, video_processor_type="Qwen3VLVideoProcessor" if qwen3 else "Qwen2VLVideoProcessor",
+                 do_sample_frames=False)
+    if video_pixels:
+        video["size"] = {"shortest_edge": video_pixels["min_pixels"], "longest_edge": video_pixels["max_pixels"]}
     (path / "preprocessor_config.json").write_text(
         json.dumps(dict(common, image_processor_type="Qwen2VLImageProcessor"), indent=2))
-    (path / "video_preprocessor_config.json").write_text(
-        json.dumps(dict(common, video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=False), indent=2))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
     (path / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
     (path / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
 
@@ -187,6 +206,8 @@ def build_tiny_checkpoint(path: str | Path, family: str = "qwen2_5_vl", seed: in
     tokenizer.save_pretrained(path)
     if family == "llava":
         write_llava_processor_configs(path, LLAVA_IMAGE_SIZE)
+    elif family == "qwen3_vl":
+        write_preprocessor_configs(path, family, **QWEN3_PIXELS, video_pixels=QWEN3_VIDEO_PIXELS)
     else:
         write_preprocessor_configs(path, family, **PIXELS)
     return path

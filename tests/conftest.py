@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 import pytest  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-ALL_FAMILIES = FAMILIES + ("llava",)  # modules that hold for every family ask for `any_engine`
+ALL_FAMILIES = FAMILIES + ("qwen3_vl", "llava")  # modules that hold for every family ask for `any_engine`
 
 
 # Modules whose jobs run engines in Ray workers, which inherit this process's environment: under

@@ -21,7 +21,7 @@ def reference_tokens(engine, sample: dict, max_new_tokens: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engine(any_engine):
-    """Every family: Qwen2-VL, Qwen2.5-VL and LLaVA-1.5."""
+    """Every family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-1.5."""
     return any_engine
 
 

@@ -47,6 +47,8 @@ class VisualFeatures:
     """Vision-tower output for one pack, per placeholder token id, in pack order."""
 
     by_token_id: dict[int, torch.Tensor] = field(default_factory=dict)  # token id -> (n_tokens, H)
+    # Qwen3-VL's DeepStack: token id -> per early decoder layer, (n_tokens, H) added after that layer
+    deepstack: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def checked_input_ids(sample, index: int, vocab_size: int) -> torch.Tensor:
@@ -156,6 +158,24 @@ class ModelAdapter:
             mask = (input_ids == token_id)[:, None]
             hidden = hidden.masked_scatter(mask, embeds.to(hidden.dtype))
         return hidden
+
+    def visual_residuals(self, input_ids: torch.Tensor, features: VisualFeatures) -> list[torch.Tensor]:
+        """What decoder layer i (i < len) adds to the visual rows after it runs (DeepStack), as
+        (n_visual, H) in the pack's visual-row order; [] for families without it."""
+        if not features.deepstack:
+            return []
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in features.deepstack:
+            visual |= input_ids == token_id
+        residuals = []
+        for layer in range(len(next(iter(features.deepstack.values())))):
+            full = None
+            for token_id, per_layer in features.deepstack.items():
+                values = per_layer[layer]
+                full = values.new_zeros(input_ids.shape[0], values.shape[1]) if full is None else full
+                full = full.masked_scatter((input_ids == token_id)[:, None], values)
+            residuals.append(full[visual])
+        return residuals
 
     def compile_vision(self) -> None:
         """Optionally torch.compile the vision tower for the engine's own calls."""

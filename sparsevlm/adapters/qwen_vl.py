@@ -1,4 +1,12 @@
-"""Qwen2-VL and Qwen2.5-VL: 3-D M-RoPE positions, image/video pad tokens, packed vision tower.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: 3-D M-RoPE positions, image/video pad tokens, packed vision tower.
+
+Qwen3-VL adds three things, all handled here or by transformers' own code: its rotary
+interleaves the height and width frequencies among the temporal ones (`rope_tables`), its
+videos carry a "<t seconds>" text before each frame group (the processor), and DeepStack:
+the vision tower also returns features of some of its early blocks, which the decoder adds
+to the visual rows after its first layers (`visual_residuals`, applied by the model runner
+before any pruning at that layer, so every visual token gets its own; a token pruned earlier,
+under a custom schedule, drops its later ones, and a merged token gets none).
 
 The host half (`QwenVLPreparer`) validates a sample and computes its positions from the
 config alone, so the pipeline's CPU stage runs it; the adapter runs the device half.
@@ -133,7 +141,7 @@ class QwenVLPreparer:
 
 
 class QwenVLAdapter(ModelAdapter):
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     media_kinds = QwenVLProcessor.media_kinds
 
     def __init__(self, model):
@@ -201,7 +209,10 @@ class QwenVLAdapter(ModelAdapter):
             grid = (grid.pin_memory() if self.device.type == "cuda" else grid).to(self.device, non_blocking=True)
             with attention_implementation(self.visual.config, VISION_ATTENTION_NAME), self._vision_blocks():
                 output = self.visual(pixels, grid_thw=grid, sparsevlm_backend=backend)
-            features.by_token_id[self.token_ids[token_type]] = output.pooler_output
+            token_id = self.token_ids[token_type]
+            features.by_token_id[token_id] = output.pooler_output
+            if getattr(output, "deepstack_features", None):
+                features.deepstack[token_id] = list(output.deepstack_features)
         return features
 
     def _patches(self, sample: PreparedSample, pixel_key: str, kind: str) -> torch.Tensor:
@@ -237,6 +248,11 @@ class QwenVLAdapter(ModelAdapter):
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.rotary_emb.inv_freq.float()
-        sections = torch.cat([torch.full((n,), i % 3, dtype=torch.long)
-                              for i, n in enumerate(self.rotary_emb.mrope_section)]).to(inv_freq.device)
-        return inv_freq, sections
+        section = self.rotary_emb.mrope_section
+        if self.model.config.model_type == "qwen3_vl":  # interleaved: T H W T H W ..., then the rest T
+            sections = torch.zeros(inv_freq.shape[0], dtype=torch.long)
+            for component in (1, 2):
+                sections[component:3 * section[component]:3] = component
+        else:  # contiguous: the first section T, then H, then W
+            sections = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
+        return inv_freq, sections.to(inv_freq.device)

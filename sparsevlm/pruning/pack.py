@@ -38,6 +38,7 @@ class PrunedPack:
                 tags[s.is_visual] = torch.arange(s.num_visual_tokens)
             ids.append(tags)
         self.visual_ids = self._to_device(torch.cat(ids))  # per row: index among the sample's visual tokens
+        self._first_visual = self._to_device(torch.tensor(offsets(self.visual)[:-1], dtype=torch.long))
         self._steps = [{step.layer: step for step in plan.steps} for plan in plans]
         self.pruning_layers = sorted({layer for steps in self._steps for layer in steps})
         self._refresh()
@@ -143,6 +144,14 @@ class PrunedPack:
         self.visual = [k + c for k, c in zip(keep, n_clusters)]
         self._refresh()
         return hidden, positions, rotary
+
+    def add_to_visual_rows(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """hidden (T, H) with residual[i] added to the row of original visual token i (pack order,
+        as at layer 0), wherever pruning left that token; pruned tokens' residuals are dropped and
+        merged tokens get none (they were merged from states that had the earlier ones)."""
+        original = self.visual_ids >= 0
+        index = torch.where(original, self._first_visual[self.row_sample] + self.visual_ids, 0)
+        return hidden + residual.to(hidden.dtype)[index] * original[:, None]
 
     def kept_visual_positions(self) -> list[list[int]]:
         """Per sample, indices (among its original visual tokens) of those still in the stream."""
