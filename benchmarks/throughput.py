@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import (  # noqa: E402
-    HF_BEST_BATCH, MIXED, WORKLOADS, device_for, load_model, make_mixed_samples, make_samples, stack_identical)
+    HF_BEST_BATCH, MIXED, MODEL_NAMES, WORKLOADS, device_for, load_model, make_mixed_samples, make_samples,
+    stack_identical)
 
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
 
@@ -117,7 +118,7 @@ def write_report(args, device: torch.device, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=["tiny", "qwen2_5_vl_7b"])
+    parser.add_argument("--model", default="tiny", choices=MODEL_NAMES)
     parser.add_argument("--workloads", default="vqa-1024,caption-1024")
     parser.add_argument("--num-samples", type=int, default=None, help="engine samples per workload "
                         "(default: 16 on tiny, 128 for VQA and 64 otherwise on 7B)")

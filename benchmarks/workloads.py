@@ -1,8 +1,8 @@
 """Benchmark models and workloads (names and shapes from shared/design/BENCHMARKS.md).
 
-Models: "tiny" (the offline test checkpoint, CPU, seconds) or "qwen2_5_vl_7b" (the real
-Qwen2.5-VL-7B architecture with random bf16 weights, built directly on the GPU). Both
-use our offline tokenizer; the 7B model's special-token ids are set to match it.
+Models: "tiny" (the offline test checkpoint, CPU, seconds), or the real architectures with
+random bf16 weights, built directly on the GPU: "qwen2_5_vl_7b", "qwen3_vl_8b", "llava_1_5_7b".
+All use our offline tokenizer of their family; the special-token ids are set to match it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sparsevlm.adapters.llava import LlavaFrameProcessor
 from sparsevlm.preprocess import QwenVLProcessor
-from sparsevlm.tiny import build_tiny_checkpoint, build_tokenizer, vision_token_ids, write_preprocessor_configs
+from sparsevlm.tiny import (
+    build_tiny_checkpoint, build_tokenizer, vision_token_ids, write_llava_processor_configs, write_preprocessor_configs)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,40 @@ def qwen2_5_vl_7b_config(tokenizer):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
 
+def qwen3_vl_8b_config(tokenizer):
+    from transformers import Qwen3VLConfig
+
+    text = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                    "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **vision_token_ids(tokenizer))
+
+
+def llava_1_5_7b_config(tokenizer):
+    from transformers import LlavaConfig
+
+    text = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                rms_norm_eps=1e-5)
+    vision = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids(
+        "<image>"), vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+# name -> (family, config builder, end-of-turn token)
+LARGE_MODELS = {"qwen2_5_vl_7b": ("qwen2_5_vl", qwen2_5_vl_7b_config, "<|im_end|>"),
+                "qwen3_vl_8b": ("qwen3_vl", qwen3_vl_8b_config, "<|im_end|>"),
+                "llava_1_5_7b": ("llava", llava_1_5_7b_config, "</s>")}
+MODEL_NAMES = ("tiny", *LARGE_MODELS)
+
+
 def load_model(name: str, device: str, folder: Path | None = None):
-    """-> (model, processor) for "tiny" or "qwen2_5_vl_7b". The 7B architecture gets random
+    """-> (model, processor) for "tiny" or one of LARGE_MODELS. A large architecture gets random
     weights built on `device`; its tokenizer and processor configs go to `folder` (a temporary
     one by default), so `model.save_pretrained(folder)` makes it a loadable checkpoint."""
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -69,21 +103,28 @@ def load_model(name: str, device: str, folder: Path | None = None):
         path = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", "qwen2_5_vl")
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, device_map=device)
         return model.eval(), QwenVLProcessor.from_pretrained(path)
-    if name != "qwen2_5_vl_7b":
-        raise ValueError(f"unknown benchmark model {name!r}; use tiny or qwen2_5_vl_7b")
+    if name not in LARGE_MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; use one of {', '.join(MODEL_NAMES)}")
+    family, build_config, end_of_turn = LARGE_MODELS[name]
     folder = Path(folder or tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(family=family)
     tokenizer.save_pretrained(folder)
-    write_preprocessor_configs(folder, "qwen2_5_vl", min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-    (folder / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
-    config = qwen2_5_vl_7b_config(tokenizer)
+    if family == "llava":
+        write_llava_processor_configs(folder, 336)
+    else:
+        factor = 32 if family == "qwen3_vl" else 28
+        write_preprocessor_configs(folder, family, min_pixels=factor * factor * 4, max_pixels=factor * factor * 1280)
+    (folder / "config.json").write_text(f'{{"model_type": "{family}"}}')
+    config = build_config(tokenizer)
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=0, do_sample=False)
-    return model.eval(), QwenVLProcessor.from_pretrained(folder)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(end_of_turn),
+                                               pad_token_id=0, do_sample=False)
+    processor = (LlavaFrameProcessor.from_pretrained(folder) if family == "llava"
+                 else QwenVLProcessor.from_pretrained(folder, model_type=family))
+    return model.eval(), processor
 
 
 def make_sample(processor, workload: Workload, seed: int, scale: int = 1) -> dict:

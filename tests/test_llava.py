@@ -42,6 +42,24 @@ def test_frames_normalised_through_the_table_equal_the_processors_pixels(llava, 
     assert frames["image_grid_thw"].tolist() == [[1, 4, 4]]
 
 
+def test_equals_transformers_processor_with_torchvision(llava, tiny_checkpoints):
+    """Runs where torchvision exists (the GPU machine): transformers' default (torchvision) backend."""
+    pytest.importorskip("torchvision", reason="transformers' torchvision backend needs torchvision")
+    from transformers import AutoProcessor
+
+    reference_processor = AutoProcessor.from_pretrained(tiny_checkpoints["llava"])
+    processor = llava.processor
+    rng = np.random.default_rng(3)
+    images = [random_image(rng, 120, 90), random_image(rng, 64, 300)]
+    prompt = chat(processor, "image", "image", text="Describe.")
+    ours = processor(text=[prompt], images=images)
+    reference = reference_processor(text=[prompt], images=images, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    # torchvision's bicubic resize rounds differently from PIL's: compare in pixel units
+    diff = (ours["pixel_values"] - reference["pixel_values"]).abs() * min(processor.image_processor.image_std) * 255
+    assert diff.mean() < 1.0 and diff.max() < 16, (diff.mean().item(), diff.max().item())
+
+
 def test_frames_and_pixel_values_generate_the_same(llava):
     processor = llava.processor
     rng = np.random.default_rng(3)

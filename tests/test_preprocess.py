@@ -10,7 +10,7 @@ from helpers import chat, random_image
 from sparsevlm.preprocess import QwenVLProcessor, patchify, smart_resize
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def checkpoint(request, tiny_checkpoints):
     return tiny_checkpoints[request.param]
 
@@ -31,7 +31,8 @@ def test_rgba_and_grayscale_become_rgb(checkpoint):
     processor = QwenVLProcessor.from_pretrained(checkpoint)
     rgba = np.random.default_rng(0).integers(0, 256, (40, 40, 4), dtype=np.uint8)
     out = processor(text=[chat(processor, "image", text="x")], images=[rgba])
-    assert out["pixel_values"].shape[-1] == 3 * 2 * 14 * 14
+    patch = processor.image_cfg.patch_size
+    assert out["pixel_values"].shape[-1] == 3 * 2 * patch * patch
 
 
 def test_pad_tokens_expand_to_grid(checkpoint):
