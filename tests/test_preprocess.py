@@ -99,9 +99,11 @@ def test_equals_transformers_processor_with_torchvision(checkpoint):
     frames = np.stack([np.asarray(random_image(rng, 80, 110)) for _ in range(4)])
     prompt = chat(processor, "image", "video", "image", text="Describe.")
     ours = processor(text=[prompt], images=images, videos=[frames], video_fps=2.0)
+    metadata = VideoMetadata(total_num_frames=4, fps=2.0, frames_indices=[0, 1, 2, 3])
     reference = reference_processor(text=[prompt], images=images, videos=[frames], return_tensors="pt",
-                                    video_metadata=[VideoMetadata(total_num_frames=4, fps=2.0)],
-                                    do_sample_frames=False)
+                                    video_metadata=[metadata], do_sample_frames=False)
+    if processor.timestamped_videos:  # transformers 5 keeps the template's pair around the timestamped groups
+        reference = _without_outer_video_pair(reference, processor.tokenizer)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw"):
         assert torch.equal(ours[key], reference[key].to(ours[key].dtype)), key
     # torchvision's bicubic resize rounds differently from PIL's: compare in pixel units (1/255 before normalisation)
@@ -111,3 +113,19 @@ def test_equals_transformers_processor_with_torchvision(checkpoint):
         assert diff.mean() < 1.0 and diff.max() < 16, (key, diff.mean().item(), diff.max().item())
     if "second_per_grid_ts" in reference:
         assert torch.allclose(ours["second_per_grid_ts"], torch.as_tensor(reference["second_per_grid_ts"]).float())
+
+
+def _without_outer_video_pair(reference: dict, tokenizer) -> dict:
+    """Qwen3-VL: transformers 5.x writes <|vision_start|><t seconds><|vision_start|>...<|vision_end|>
+    <|vision_end|>; Qwen's own processor (transformers 4.57, qwen-vl-utils) replaces the template's
+    pair, as ours does. Drop the outer pair from the reference (the rest must match exactly)."""
+    start, end = tokenizer.convert_tokens_to_ids("<|vision_start|>"), tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    ids = reference["input_ids"][0].tolist()
+    video = (reference["mm_token_type_ids"][0] == 2).nonzero()[:, 0]
+    first, last = int(video[0]), int(video[-1])
+    outer_start = max(i for i in range(first - 1) if ids[i] == start)  # before the first "<t seconds>"
+    assert ids[first - 1] == start and ids[last + 1] == end and ids[last + 2] == end
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep[[outer_start, last + 2]] = False
+    return {key: value[:, keep] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
+            for key, value in reference.items()}

@@ -77,7 +77,8 @@ def test_deepstack_after_an_early_prune_reaches_the_kept_tokens(qwen3):
             ids = sample["input_ids"][0]
             vision = model.model.get_image_features(sample["pixel_values"], sample["image_grid_thw"])
             embeds = torch.cat(vision.pooler_output)
-            deepstack = [torch.cat(layer) for layer in vision.deepstack_features]
+            deepstack = [layer if torch.is_tensor(layer) else torch.cat(layer)  # split per image since 5.2x
+                         for layer in vision.deepstack_features]
             visual = ids == model.config.image_token_id
             hidden = adapter.embed_tokens(ids).masked_scatter(visual[:, None], embeds)
             positions, _ = model.model.get_rope_index(ids[None], sample["mm_token_type_ids"],
