@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,19 @@ from sparsevlm.preprocess import QwenVLProcessor  # noqa: E402
 PRESETS = (192, 128, 64)
 
 
+def wilson_interval(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of an accuracy measured as right / n (Wilson score: sane at 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = right / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def run(engine: VLMEngine, seed: int, n: int, sparsity: SparsityConfig, max_pixels: int | None = None,
-        batch_size: int = 32) -> dict:
-    """Accuracy of one configuration on the n scenes of `seed`."""
+        batch_size: int = 32, qtypes: tuple[str, ...] = scenes.IMAGE_TYPES + scenes.VIDEO_TYPES) -> dict:
+    """Accuracy of one configuration on the n scenes of `seed` (cycling through `qtypes`)."""
     processor = engine.processor
     if max_pixels:  # lower resolution: the same scenes, resized smaller before the vision tower
         image_cfg, video_cfg = processor.image_cfg, processor.video_cfg
@@ -46,9 +57,9 @@ def run(engine: VLMEngine, seed: int, n: int, sparsity: SparsityConfig, max_pixe
                                     dataclasses.replace(image_cfg, min_pixels=max_pixels, max_pixels=max_pixels),
                                     dataclasses.replace(video_cfg, min_pixels=max_pixels, max_pixels=max_pixels),
                                     processor.with_second_per_grid_ts)
-    samples = scenes.generate(seed, n)
+    samples = scenes.generate(seed, n, qtypes)
     params = SamplingParams(max_new_tokens=6)
-    answered, visual, equiv = [], [], []
+    answered, visual, equiv, final = [], [], [], []
     started = time.perf_counter()
     for first in range(0, n, batch_size):
         chunk = samples[first:first + batch_size]
@@ -57,8 +68,11 @@ def run(engine: VLMEngine, seed: int, n: int, sparsity: SparsityConfig, max_pixe
             answered.append((sample, result.text))
             visual.append(result.stats.n_visual_tokens)
             equiv.append(result.stats.equiv_visual_tokens)
-    return {**scenes.score(answered), "visual_tokens_mean": sum(visual) / len(visual),
-            "equiv_visual_tokens_mean": sum(equiv) / len(equiv), "seconds": time.perf_counter() - started}
+            final.append(result.stats.n_visual_tokens_kept)
+    scored = scenes.score(answered)
+    return {**scored, "ci95": wilson_interval(round(scored["accuracy"] * scored["n"]), scored["n"]),
+            "visual_tokens_mean": sum(visual) / len(visual), "equiv_visual_tokens_mean": sum(equiv) / len(equiv),
+            "final_visual_tokens_mean": sum(final) / len(final), "seconds": time.perf_counter() - started}
 
 
 def sweep_configs(visual_tokens: float) -> list[tuple[str, SparsityConfig, int | None]]:
@@ -74,13 +88,16 @@ def sweep_configs(visual_tokens: float) -> list[tuple[str, SparsityConfig, int |
 
 def table(rows: list[dict]) -> str:
     types = sorted(rows[0]["by_type"])
-    lines = ["| configuration | visual tokens (layer-avg) | accuracy | of dense | " + " | ".join(types) + " |",
-             "|---|---|---|---|" + "---|" * len(types)]
+    lines = ["| configuration | visual tokens: final / layer-avg | accuracy (95% interval) | of dense | "
+             + " | ".join(types) + " |", "|---|---|---|---|" + "---|" * len(types)]
     dense = rows[0]["accuracy"]
     for row in rows:
         kept = f"{row['accuracy'] / dense:.0%}" if dense else "n/a"
-        lines.append(f"| `{row['name']}` | {row['equiv_visual_tokens_mean']:.0f} | {row['accuracy']:.3f} | {kept} | "
-                     + " | ".join(f"{row['by_type'][t]:.2f}" for t in types) + " |")
+        final = row.get("final_visual_tokens_mean")
+        tokens = f"{final:.0f} / " if final is not None else ""
+        interval = " ({:.2f}-{:.2f})".format(*row["ci95"]) if "ci95" in row else ""
+        lines.append(f"| `{row['name']}` | {tokens}{row['equiv_visual_tokens_mean']:.0f} | {row['accuracy']:.3f}"
+                     f"{interval} | {kept} | " + " | ".join(f"{row['by_type'][t]:.2f}" for t in types) + " |")
     return "\n".join(lines)
 
 

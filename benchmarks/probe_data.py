@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-import scenes
+from benchmarks import scenes
 
 from sparsevlm.preprocess import (
     TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, QwenVLProcessor, _to_rgb_uint8, normalize_frames, patchify, resize_frame,

