@@ -255,7 +255,10 @@ def train(args) -> None:
     train_started = time.perf_counter()
     batches = iter(loader)
     model.train()
+    profiler = None
     while (elapsed := time.perf_counter() - train_started) < budget:
+        if args.profile and step in (20, 30):
+            profiler = _profile(profiler, device)
         wait = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - wait
@@ -300,6 +303,20 @@ def train(args) -> None:
         "train_seconds": round(time.perf_counter() - train_started, 1),
         "seconds": round(time.perf_counter() - started, 1), "loss_curve": curve}, indent=2))
     print(f"parts: {sorted(p.name for p in args.parts.iterdir())}", flush=True)
+
+
+def _profile(running, device):
+    """Start a profiler, or stop `running` and print where the steps' time went."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if running is None:
+        running = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        running.__enter__()
+        return running
+    running.__exit__(None, None, None)
+    print(running.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60),
+          flush=True)
+    return None
 
 
 def _to_bf16(parts: Path) -> None:
@@ -363,6 +380,7 @@ def main() -> None:
     fit.add_argument("--workers", type=int, default=14)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--log-every", type=int, default=100)
+    fit.add_argument("--profile", action="store_true", help="print a torch.profiler table of steps 20-29")
     score = commands.add_parser("accuracy", help="accuracy per configuration on fresh scenes")
     score.add_argument("--model", type=Path, default=CACHE / "probe-v3")
     score.add_argument("--seed", type=int, default=11)

@@ -102,6 +102,10 @@ class VLMEngine:
         model = AutoModelForImageTextToText.from_pretrained(
             path_or_id, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
             attn_implementation=model_kwargs.pop("attn_implementation", "sdpa"), device_map=device, **model_kwargs)
+        floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if floating != {dtype}:  # a checkpoint whose sub-configs pin their own dtype keeps it otherwise
+            logger.warning("%s loaded as %s; casting to %s", path_or_id, sorted(map(str, floating)), dtype)
+            model = model.to(dtype)
         processor = adapter_class.load_processor(path_or_id, config)
         return cls(model.eval(), processor, sparsity=sparsity, engine_config=engine_config)
 
