@@ -225,6 +225,25 @@ class RegionHead(torch.nn.Module):
         return loss, float(words)
 
 
+def losses_of(model, pixels: torch.Tensor, batch: dict, padding_mask: bool = False):
+    """-> (answer cross-entropy, visual features (B, 576, H)). Sequences are right-padded, so
+    causal attention alone already keeps every real token from the padding after it: no mask
+    is passed unless `padding_mask` (the reference the test compares with), and SDPA can pick
+    its flash kernel."""
+    features = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                              vision_feature_select_strategy="default")
+    features = torch.stack(list(getattr(features, "pooler_output", features)))  # B, 576, H
+    language = model.model.language_model
+    embeds = language.embed_tokens(batch["input_ids"])
+    visual = (batch["input_ids"] == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(visual, features[batch["scene"]].to(embeds.dtype))
+    mask = batch["attention_mask"] if padding_mask else None
+    hidden = language(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    answer = batch["labels"][:, 1:] != -100
+    logits = model.lm_head(hidden[:, :-1][answer])
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 1:][answer]), features
+
+
 def train(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # cuDNN attention plans per new sequence length on the host: slow steps
@@ -232,12 +251,17 @@ def train(args) -> None:
     started = time.perf_counter()
     gguf = smollm_gguf()
     tokenizer = probe_tokenizer(gguf)
-    model = with_lora(base_model(gguf, tokenizer)).to(device)
+    model = base_model(gguf, tokenizer)
+    if device.type == "cuda":  # the frozen language model in bf16: half the traffic of its activations
+        model.model.language_model.to(torch.bfloat16)
+    model = with_lora(model).to(device)
+    for parameter in model.parameters():  # what trains stays fp32 (LoRA, tower, projector)
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
     inner = model.base_model.model  # the LlavaForConditionalGeneration under peft
     inner.config.vision_config._attn_implementation = "sdpa"
     head = RegionHead(inner.config.text_config.hidden_size).to(device)
     pad = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    image_id = inner.config.image_token_id
     loader = DataLoader(SceneQuestions(tokenizer, args.seed, args.questions), batch_size=args.scenes,
                         num_workers=args.workers, collate_fn=lambda e: collate(e, pad),
                         persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
@@ -268,18 +292,8 @@ def train(args) -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         pixels = (batch["pixels"].float() / 255 - mean) / std
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features = inner.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
-                                                      vision_feature_select_strategy="default")
-            features = torch.stack(list(getattr(features, "pooler_output", features)))  # B, 576, H
+            answer_loss, features = losses_of(inner, pixels, batch)
             region_loss, words = head.loss(features, batch["regions"])
-            embeds = inner.model.language_model.embed_tokens(batch["input_ids"])
-            visual = (batch["input_ids"] == image_id)[..., None]
-            embeds = embeds.masked_scatter(visual, features[batch["scene"]].to(embeds.dtype))
-            hidden = inner.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]
-                                                ).last_hidden_state
-            answer = batch["labels"][:, 1:] != -100
-            logits = inner.lm_head(hidden[:, :-1][answer])
-            answer_loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 1:][answer])
         optimizer.zero_grad(set_to_none=True)
         (answer_loss + REGION_LOSS_WEIGHT * region_loss).backward()
         torch.nn.utils.clip_grad_norm_(new + lora, 1.0)
