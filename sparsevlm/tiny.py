@@ -50,6 +50,17 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+# LLaVA-OneVision (Qwen2 decoder): ChatML, the visual tokens first in the user turn
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ONEVISION_TILE = 56  # 4x4 patches of 14 per tile (the real model: 384, 27x27)
+ONEVISION_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
 LLAVA_IMAGE_SIZE = 56  # 4x4 patches of 14: 16 visual tokens per image (the real model: 336, 576)
 
 _CORPUS = """
@@ -66,7 +77,7 @@ TEXT_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num
                  num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 MROPE_SECTION = [2, 3, 3]  # sums to head_dim / 2 = 8
 PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)  # 4..64 visual tokens per image
-TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_onevision")
 QWEN3_PIXELS = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)  # patch 16, merge 2: 4..64 tokens per image
 QWEN3_VIDEO_PIXELS = dict(min_pixels=32 * 32 * 8, max_pixels=32 * 32 * 256)  # for the whole clip (T x H x W)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -82,15 +93,18 @@ def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None, fami
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     llava = family == "llava"
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAVA_SPECIAL_TOKENS if llava else SPECIAL_TOKENS,
+    specials = LLAVA_SPECIAL_TOKENS if llava else SPECIAL_TOKENS + (["<image>", "<video>"] if family ==
+                                                                   "llava_onevision" else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus or _CORPUS.split("\n"), trainer)
     if llava:
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>",
                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
                                        chat_template=LLAVA_CHAT_TEMPLATE)
+    template = ONEVISION_CHAT_TEMPLATE if family == "llava_onevision" else QWEN_VL_CHAT_TEMPLATE
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=QWEN_VL_CHAT_TEMPLATE)
+                                   chat_template=template)
 
 
 def vision_token_ids(tokenizer) -> dict[str, int]:
@@ -116,6 +130,39 @@ def _llava_config(tokenizer, initializer_range: float):
     return config, eos
 
 
+def _onevision_config(tokenizer, initializer_range: float):
+    from transformers import LlavaOnevisionConfig
+
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    text = dict(TEXT_DIMS, model_type="qwen2", vocab_size=len(tokenizer), initializer_range=initializer_range,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, eos_token_id=eos[0],
+                bos_token_id=eos[1], pad_token_id=eos[1])
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=ONEVISION_TILE, patch_size=14)
+    config = LlavaOnevisionConfig(text_config=text, vision_config=vision,
+                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                  video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                                  image_grid_pinpoints=ONEVISION_PINPOINTS, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    return config, eos
+
+
+def write_onevision_processor_configs(path: Path, tile: int, pinpoints, num_image_tokens: int) -> None:
+    """llava-hf's OneVision files: the any-resolution image processor, the video processor, the processor."""
+    common = dict(do_resize=True, size={"height": tile, "width": tile}, resample=3, do_rescale=True,
+                  rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                  do_convert_rgb=True, processor_class="LlavaOnevisionProcessor")
+    (path / "preprocessor_config.json").write_text(json.dumps(dict(
+        common, image_processor_type="LlavaOnevisionImageProcessor", do_pad=True, image_grid_pinpoints=pinpoints),
+        indent=2))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(dict(
+        common, video_processor_type="LlavaOnevisionVideoProcessor"), indent=2))
+    (path / "processor_config.json").write_text(json.dumps(dict(
+        processor_class="LlavaOnevisionProcessor", num_image_tokens=num_image_tokens,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9"), indent=2))
+    (path / "chat_template.jinja").write_text(ONEVISION_CHAT_TEMPLATE)
+
+
 def write_llava_processor_configs(path: Path, image_size: int) -> None:
     """llava-hf's files: a CLIP-style image processor (shortest edge, centre crop) and the processor."""
     (path / "preprocessor_config.json").write_text(json.dumps(dict(
@@ -134,6 +181,8 @@ def _model_config(family: str, tokenizer, initializer_range: float):
 
     if family == "llava":
         return _llava_config(tokenizer, initializer_range)
+    if family == "llava_onevision":
+        return _onevision_config(tokenizer, initializer_range)
     ids = vision_token_ids(tokenizer)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     text = dict(TEXT_DIMS, vocab_size=len(tokenizer), initializer_range=initializer_range,
@@ -206,6 +255,8 @@ def build_tiny_checkpoint(path: str | Path, family: str = "qwen2_5_vl", seed: in
     tokenizer.save_pretrained(path)
     if family == "llava":
         write_llava_processor_configs(path, LLAVA_IMAGE_SIZE)
+    elif family == "llava_onevision":
+        write_onevision_processor_configs(path, ONEVISION_TILE, ONEVISION_PINPOINTS, (ONEVISION_TILE // 14) ** 2)
     elif family == "qwen3_vl":
         write_preprocessor_configs(path, family, **QWEN3_PIXELS, video_pixels=QWEN3_VIDEO_PIXELS)
     else:

@@ -12,13 +12,14 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 import pytest  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-ALL_FAMILIES = FAMILIES + ("qwen3_vl", "llava")  # modules that hold for every family ask for `any_engine`
+ALL_FAMILIES = FAMILIES + ("qwen3_vl", "llava", "llava_onevision")  # modules for every family ask for `any_engine`
 
 
 # Modules whose jobs run engines in Ray workers, which inherit this process's environment: under
 # TRITON_INTERPRET their engines would score in the Triton interpreter, minutes per job. The
 # kernels' own tests (and the in-process engine tests elsewhere) keep it.
-RAY_JOB_MODULES = {"test_jobs", "test_faults", "test_cost_report", "test_ray_job_submit", "test_multinode", "test_llava"}
+RAY_JOB_MODULES = {"test_jobs", "test_faults", "test_cost_report", "test_ray_job_submit", "test_multinode", "test_llava",
+                   "test_llava_onevision"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,7 +21,7 @@ def reference_tokens(engine, sample: dict, max_new_tokens: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engine(any_engine):
-    """Every family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-1.5."""
+    """Every family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-1.5 and LLaVA-OneVision."""
     return any_engine
 
 
@@ -67,8 +67,12 @@ def test_visual_token_counts(engine, cases):
         if hasattr(vision, "spatial_merge_size"):  # Qwen-VL: a token per merged group of the grid
             grids = [sample[k] for k in ("image_grid_thw", "video_grid_thw") if k in sample]
             expected = sum(int(g.prod(-1).sum()) for g in grids) // vision.spatial_merge_size ** 2
-        else:  # LLaVA: a token per patch of the tower's square input
+        elif engine.model.config.model_type == "llava":  # a token per patch of the tower's square input
             expected = len(sample.get("pixel_values", ())) * (vision.image_size // vision.patch_size) ** 2
+        else:  # OneVision: tiles, newlines and pooling; the processor's placeholders, every one counted
+            config = engine.model.config
+            ids = sample["input_ids"]
+            expected = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
         assert result.stats.n_visual_tokens == expected
 
 

@@ -20,14 +20,14 @@ def qwen3(tiny_checkpoints) -> VLMEngine:
     return VLMEngine.from_pretrained(tiny_checkpoints["qwen3_vl"], dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_onevision"])
 def test_rope_tables_are_the_rotation_the_model_applies(tiny_checkpoints, family):
     """SparseVLM+'s prior is built from `rope_tables`: frequency i turns with position component
     sections[i]. Checked against the model's own rotary on random 3-D positions."""
     engine = VLMEngine.from_pretrained(tiny_checkpoints[family], dtype=torch.float32, device="cpu")
     adapter = engine.adapter
     inv_freq, sections = adapter.rope_tables()
-    components = 1 if family == "llava" else 3
+    components = 1 if family.startswith("llava") else 3
     positions = torch.randint(0, 200, (components, 50))
     cos, _ = adapter.rotary(torch.zeros(1, 50, adapter.text_config.hidden_size), positions)
     expected = torch.cos(positions[sections].T.float() * inv_freq)  # T, D/2

@@ -24,7 +24,7 @@ METHODS = [  # the tiny models have 4 layers: every preset is out of reach there
 
 @pytest.fixture(scope="module")
 def engine(any_engine):
-    """Every family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-1.5."""
+    """Every family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-1.5 and LLaVA-OneVision."""
     return any_engine
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .base import ModelAdapter, PreparedSample, VisualFeatures
 from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (QwenVLAdapter, LlavaAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (QwenVLAdapter, LlavaAdapter, LlavaOnevisionAdapter)
 SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.model_types)
 
 

@@ -116,8 +116,8 @@ class ModelAdapter:
             return
         with torch.cuda.stream(self._upload_stream):
             for key, value in sample.visual_inputs.items():
-                if key.endswith("grid_thw"):
-                    continue
+                if not (key.startswith("pixel_values") or key.endswith(("_frames", "_tiles"))):
+                    continue  # grids, sizes: host-side metadata
                 items = value if isinstance(value, list) else [value]
                 uploaded = [item.to(self.device, non_blocking=True) for item in items]
                 sample.on_device[key] = uploaded if isinstance(value, list) else uploaded[0]
