@@ -1,13 +1,12 @@
 """Gallery panels: an input image as the model saw it, with the visual tokens a run kept.
 
-Token k of an image (merge order) covers cell (k // cells_w, k % cells_w) of `factor` x
-`factor` pixels of the resized image (factor = patch 14 x merge 2 for Qwen-VL). For videos the
-first frame is shown with the first temporal group's tokens.
+Where each token sits is the model family's knowledge (`first_token_grid` of its adapter): the
+first rows x columns visual tokens tile the frame as the tower sees it. For videos the first
+frame is shown with the first frame group's tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -15,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image
 
-from sparsevlm.preprocess import QwenVLProcessor, smart_resize
+from sparsevlm.adapters import adapter_class_for
 
 from ..media import decode_image, decode_video, fetch_bytes
 from ..model_source import resolve_model
@@ -37,20 +36,25 @@ def load_media(input_uri: str, id_column: str, media_column: str, ids: list) -> 
 
 
 @functools.lru_cache(maxsize=8)
-def _vision_config(model_path: str, kind: str, max_pixels: int | None):
-    processor = QwenVLProcessor.from_pretrained(resolve_model(model_path))
-    cfg = processor.image_cfg if kind == "image" else processor.video_cfg
-    return dataclasses.replace(cfg, max_pixels=max_pixels) if max_pixels else cfg
+def _family(model_path: str, max_pixels: int | None):
+    """(adapter class, processor) of the model, with the run's pixel bound where it has one."""
+    from transformers import AutoConfig
+
+    path = resolve_model(model_path)
+    config = AutoConfig.from_pretrained(path)
+    adapter = adapter_class_for(config.model_type)
+    processor = adapter.load_processor(path, config)
+    if max_pixels:
+        processor.bound_pixels(None, max_pixels)
+    return adapter, processor
 
 
 def panel(frame: Image.Image, positions: list[int], model_path: str, kind: str, max_pixels: int | None,
           title: str) -> dict:
-    cfg = _vision_config(model_path, kind, max_pixels)
-    height, width = smart_resize(frame.height, frame.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-    cells_h, cells_w = height // cfg.factor, width // cfg.factor
+    adapter, processor = _family(model_path, max_pixels)
+    image, cells_h, cells_w = adapter.first_token_grid(processor, frame, kind)
     kept = np.zeros(cells_h * cells_w, dtype=bool)
     first_group = [p for p in positions if p < kept.size]
     kept[first_group] = True
-    image = np.asarray(frame.resize((width, height), Image.Resampling.BICUBIC))
     return {"title": f"{title}: {int(kept.sum())}/{kept.size} kept", "image": image,
             "kept": kept.reshape(cells_h, cells_w)}

@@ -100,6 +100,13 @@ class ModelAdapter:
         config only: what a CPU stage runs so the engine's actor redoes no per-sample work."""
         raise NotImplementedError
 
+    @classmethod
+    def first_token_grid(cls, processor, frame, kind: str) -> tuple:
+        """Where the first visual tokens of an image (a video's first frame group) sit:
+        (the frame as the tower sees it, uint8 (H, W, 3); rows; columns); token k covers cell
+        (k // columns, k % columns). The cost report's gallery draws kept tokens with it."""
+        raise NotImplementedError
+
     def check_processor(self, processor) -> None:
         """Raise if `processor` belongs to another checkpoint (token ids, vocabulary, patch size)."""
 

@@ -20,6 +20,7 @@ from ..preprocess import normalize_frames
 from .base import ModelAdapter, PreparedSample, VisualFeatures, checked_input_ids
 
 logger = logging.getLogger(__name__)
+IMAGE_PLACEHOLDER = "<image>"
 
 
 class LlavaFrameProcessor:
@@ -170,6 +171,12 @@ class LlavaAdapter(ModelAdapter):
     @classmethod
     def load_preparer(cls, config) -> LlavaPreparer:
         return LlavaPreparer(config)
+
+    @classmethod
+    def first_token_grid(cls, processor, frame, kind: str) -> tuple:
+        image = processor(text=[IMAGE_PLACEHOLDER], images=[frame], return_frames=True)["image_frames"][0][0]
+        side = image.shape[0] // processor.processor.patch_size  # a token per patch of the centre crop
+        return image.numpy(), side, side
 
     def check_processor(self, processor) -> None:
         tokenizer = getattr(processor, "tokenizer", None)

@@ -277,6 +277,18 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def load_preparer(cls, config) -> OnevisionPreparer:
         return OnevisionPreparer(config)
 
+    @classmethod
+    def first_token_grid(cls, processor, frame, kind: str) -> tuple:
+        """The base tile (the whole image squeezed to the tower's square) comes first, a token per patch."""
+        if kind == "video":
+            frames = processor(text=[VIDEO], videos=[[frame]], return_frames=True)["video_frames"][0]
+        else:
+            frames = processor(text=[IMAGE], images=[frame], return_frames=True)["image_frames"][0]
+        side = int(round(processor.counter.num_image_tokens ** 0.5))
+        if kind == "video":
+            side = -(-side // 2)  # frames are 2x2-pooled
+        return frames[0].numpy(), side, side
+
     def check_processor(self, processor) -> None:
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is None:

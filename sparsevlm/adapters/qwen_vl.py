@@ -24,7 +24,7 @@ import torch
 from ..attention import VISION_ATTENTION_NAME, attention_implementation
 from ..preprocess import (
     IMAGE_PAD, TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, VIDEO_PAD, QwenVLProcessor, normalization_table, normalize_frames,
-    patchify)
+    patchify, resized_image)
 from .base import ModelAdapter, PreparedSample, VisualFeatures, checked_input_ids
 
 _VISUAL_KINDS = (  # (token type, pixel key, grid key, kind name)
@@ -166,6 +166,12 @@ class QwenVLAdapter(ModelAdapter):
     @classmethod
     def load_preparer(cls, config) -> QwenVLPreparer:
         return QwenVLPreparer(config)
+
+    @classmethod
+    def first_token_grid(cls, processor, frame, kind: str) -> tuple:
+        cfg = processor.image_cfg if kind == "image" else processor.video_cfg  # a token per merged 28x28 cell
+        resized = resized_image(frame, cfg)[0]
+        return resized, resized.shape[0] // cfg.factor, resized.shape[1] // cfg.factor
 
     def check_processor(self, processor) -> None:
         tokenizer = getattr(processor, "tokenizer", None)
