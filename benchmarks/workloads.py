@@ -1,7 +1,8 @@
 """Benchmark models and workloads (names and shapes from shared/design/BENCHMARKS.md).
 
 Models: "tiny" (the offline test checkpoint, CPU, seconds), or the real architectures with
-random bf16 weights, built directly on the GPU: "qwen2_5_vl_7b", "qwen3_vl_8b", "llava_1_5_7b".
+random bf16 weights, built directly on the GPU: "qwen2_5_vl_7b", "qwen3_vl_8b", "llava_1_5_7b",
+"llava_onevision_7b".
 All use our offline tokenizer of their family; the special-token ids are set to match it.
 """
 
@@ -16,9 +17,11 @@ import torch
 from PIL import Image
 
 from sparsevlm.adapters.llava import LlavaFrameProcessor
+from sparsevlm.adapters.llava_onevision import OnevisionProcessor
 from sparsevlm.preprocess import QwenVLProcessor
 from sparsevlm.tiny import (
-    build_tiny_checkpoint, build_tokenizer, vision_token_ids, write_llava_processor_configs, write_preprocessor_configs)
+    build_tiny_checkpoint, build_tokenizer, vision_token_ids, write_llava_processor_configs,
+    write_onevision_processor_configs, write_preprocessor_configs)
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,25 @@ def llava_1_5_7b_config(tokenizer):
         "<image>"), vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
 
 
+def llava_onevision_7b_config(tokenizer):
+    from transformers import LlavaOnevisionConfig
+
+    text = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, vocab_size=152128, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                  num_attention_heads=16, image_size=384, patch_size=14)
+    return LlavaOnevisionConfig(text_config=text, vision_config=vision,
+                                image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                video_token_id=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+
+
 # name -> (family, config builder, end-of-turn token)
 LARGE_MODELS = {"qwen2_5_vl_7b": ("qwen2_5_vl", qwen2_5_vl_7b_config, "<|im_end|>"),
                 "qwen3_vl_8b": ("qwen3_vl", qwen3_vl_8b_config, "<|im_end|>"),
-                "llava_1_5_7b": ("llava", llava_1_5_7b_config, "</s>")}
+                "llava_1_5_7b": ("llava", llava_1_5_7b_config, "</s>"),
+                "llava_onevision_7b": ("llava_onevision", llava_onevision_7b_config, "<|im_end|>")}
 MODEL_NAMES = ("tiny", *LARGE_MODELS)
 
 
@@ -112,6 +130,8 @@ def load_model(name: str, device: str, folder: Path | None = None):
     tokenizer.save_pretrained(folder)
     if family == "llava":
         write_llava_processor_configs(folder, 336)
+    elif family == "llava_onevision":
+        write_onevision_processor_configs(folder, 384, build_config(tokenizer).image_grid_pinpoints, 27 * 27)
     else:
         factor = 32 if family == "qwen3_vl" else 28
         write_preprocessor_configs(folder, family, min_pixels=factor * factor * 4, max_pixels=factor * factor * 1280)
@@ -122,8 +142,10 @@ def load_model(name: str, device: str, folder: Path | None = None):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(end_of_turn),
                                                pad_token_id=0, do_sample=False)
-    processor = (LlavaFrameProcessor.from_pretrained(folder) if family == "llava"
-                 else QwenVLProcessor.from_pretrained(folder, model_type=family))
+    if family == "llava_onevision":
+        (folder / "config.json").write_text(config.to_json_string())  # the processor reads the tower's size
+    processor = {"llava": LlavaFrameProcessor.from_pretrained, "llava_onevision": OnevisionProcessor.from_pretrained
+                 }.get(family, lambda f: QwenVLProcessor.from_pretrained(f, model_type=family))(folder)
     return model.eval(), processor
 
 
