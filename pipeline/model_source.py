@@ -8,6 +8,7 @@ first use; tests use it where only the plumbing matters.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,6 +55,9 @@ def check_model(path: str | None, kind: str) -> str:
 
     from sparsevlm.adapters import adapter_class_for
 
+    local = Path(resolve_model(path)) / "config.json"
+    if local.exists():  # a family transformers does not know either: still name the supported ones
+        adapter_class_for(json.loads(local.read_text()).get("model_type", "(none)"))
     try:
         config = AutoConfig.from_pretrained(resolve_model(path))
     except (OSError, ValueError, KeyError) as error:

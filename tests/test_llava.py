@@ -102,6 +102,17 @@ def test_loads_by_family_from_config(tiny_checkpoints):
     assert isinstance(LlavaFrameProcessor.from_pretrained(tiny_checkpoints["llava"]), LlavaFrameProcessor)
 
 
+def test_an_unknown_family_is_one_line_naming_the_supported(tmp_path):
+    from pipeline.model_source import check_model
+
+    (tmp_path / "config.json").write_text('{"model_type": "mystery_vlm"}')
+    with pytest.raises(ValueError) as excinfo:
+        check_model(str(tmp_path), "image")
+    message = str(excinfo.value)
+    assert "\n" not in message and "'mystery_vlm' is not supported" in message
+    assert all(family in message for family in ("qwen2_5_vl", "qwen3_vl", "llava", "llava_onevision"))
+
+
 @pytest.mark.slow
 def test_the_image_job_runs_on_llava(tmp_path, tiny_checkpoints, capsys):
     import ray
