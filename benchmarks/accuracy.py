@@ -1,8 +1,8 @@
 """Accuracy retention: what each pruning method keeps of the scene probe's accuracy.
 
-    python benchmarks/accuracy.py --seed 7 --n 400 --method sparsevlm --preset 64 --json out.json
-    python benchmarks/accuracy.py --seed 7 --n 400 --method none --max-pixels 19600     # lower resolution
-    python benchmarks/accuracy.py --seed 7 --n 400 --sweep --json benchmarks/results/accuracy.json
+    python -m benchmarks.accuracy --seed 7 --n 400 --method sparsevlm --preset 64 --json out.json
+    python -m benchmarks.accuracy --seed 7 --n 400 --method none --max-pixels 19600     # lower resolution
+    python -m benchmarks.accuracy --seed 7 --n 400 --sweep --json benchmarks/results/accuracy.json
 
 A fresh test set from `--seed` (benchmarks/scenes.py; the probe trained on seeds from
 1,000,000 on), answered greedily by `VLMEngine` (CPU float32 unless CUDA is there),
@@ -24,15 +24,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scenes  # noqa: E402
-from probe_data import encode  # noqa: E402
+from benchmarks import scenes
+from benchmarks.probe_data import encode
 
-from pipeline.model_source import PROBE_PATH as PROBE  # noqa: E402
-from sparsevlm import SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
-from sparsevlm.preprocess import QwenVLProcessor  # noqa: E402
+from pipeline.model_source import PROBE_PATH as PROBE
+from sparsevlm import SamplingParams, SparsityConfig, VLMEngine
+from sparsevlm.preprocess import QwenVLProcessor
 
 PRESETS = (192, 128, 64)
 
@@ -116,7 +114,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
-        parser.error(f"no model at {args.model} (train one: python benchmarks/train_probe.py --out {args.model})")
+        parser.error(f"no model at {args.model} (train one: python -m benchmarks.train_probe --out {args.model})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # flash attention on CUDA wants bf16
     engine = VLMEngine.from_pretrained(str(args.model), dtype=dtype, device=device)

@@ -1,7 +1,7 @@
 """Token agreement of our engine (one packed batch) with HF `generate` (each sample alone).
 
-    python benchmarks/agreement.py                                   # CPU tiny fp32: must be 100%
-    python benchmarks/agreement.py --model qwen2_5_vl_7b --json benchmarks/results/h100_agreement_vqa256.json
+    python -m benchmarks.agreement                                   # CPU tiny fp32: must be 100%
+    python -m benchmarks.agreement --model qwen2_5_vl_7b --json benchmarks/results/h100_agreement_vqa256.json
 
 In bf16 the two differ in reduction order (packed vs single-sample matmuls, varlen vs
 SDPA kernels), so near-tied logits of a random-weight model can flip a token and the
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, device_for, load_model, make_samples  # noqa: E402
+from benchmarks.workloads import WORKLOADS, device_for, load_model, make_samples
 
-from sparsevlm import SamplingParams, VLMEngine  # noqa: E402
+from sparsevlm import SamplingParams, VLMEngine
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,6 +1,6 @@
 """Does pruning keep the tokens a question is about? Coverage of the asked objects, per method.
 
-    python benchmarks/coverage.py --seed 7 --n 160 --preset 64 --json out.json
+    python -m benchmarks.coverage --seed 7 --n 160 --preset 64 --json out.json
 
 For each scene of a fresh test set (benchmarks/scenes.py), the visual tokens that show an
 object the question names (from what was drawn, `probe_data.objects_under_tokens`), and the
@@ -21,15 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scenes  # noqa: E402
-from accuracy import PROBE  # noqa: E402
-from probe_data import encode, objects_under_tokens  # noqa: E402
+from benchmarks import scenes
+from benchmarks.accuracy import PROBE
+from benchmarks.probe_data import encode, objects_under_tokens
 
-from pipeline.cost.metrics import normalize_answer  # noqa: E402
-from sparsevlm import SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
+from pipeline.cost.metrics import normalize_answer
+from sparsevlm import SamplingParams, SparsityConfig, VLMEngine
 
 METHODS = ("sparsevlm", "sparsevlm_v2", "fastv", "random")
 

@@ -1,11 +1,11 @@
 """A labeling job through Ray, end to end, on a model of benchmark size, with 1..N GPU engines.
 
-    python benchmarks/job_throughput.py --model qwen2_5_vl_7b --kind image --rows 768 --gpu-actors 1,2 \
+    python -m benchmarks.job_throughput --model qwen2_5_vl_7b --kind image --rows 768 --gpu-actors 1,2 \
         --json out.json                                                   # multi-GPU scaling
-    python benchmarks/job_throughput.py --model qwen2_5_vl_7b --kind video --rows 96 --gpu-actors 1
-    python benchmarks/job_throughput.py --model qwen2_5_vl_7b --kind image --rows 512 --gpu-actors 2 \
+    python -m benchmarks.job_throughput --model qwen2_5_vl_7b --kind video --rows 96 --gpu-actors 1
+    python -m benchmarks.job_throughput --model qwen2_5_vl_7b --kind image --rows 512 --gpu-actors 2 \
         --gpus-per-actor 0.5 --cpu-actors-per-gpu 7 --method sparsevlm    # two engines sharing one GPU
-    python benchmarks/job_throughput.py --model tiny --rows 16            # CPU, seconds
+    python -m benchmarks.job_throughput --model tiny --rows 16            # CPU, seconds
 
 Writes a random-weight checkpoint (the 7B architecture: ~16 GB) and a Parquet of `--rows`
 inputs (the shipped sample photos at 896x896, each row's made unique by its own noise; or the
@@ -35,10 +35,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from workloads import load_model  # noqa: E402
+from benchmarks.workloads import load_model
 
 SAMPLES = REPO / "jobs" / "sample_data"
 

@@ -1,7 +1,7 @@
 """Where the engine's time goes: torch.profiler over one `generate` call, top ops by device time.
 
-    python benchmarks/profile_engine.py                                       # CPU, tiny model
-    python benchmarks/profile_engine.py --model qwen2_5_vl_7b --workload vqa-1024 \
+    python -m benchmarks.profile_engine                                       # CPU, tiny model
+    python -m benchmarks.profile_engine --model qwen2_5_vl_7b --workload vqa-1024 \
         --num-samples 32 --method sparsevlm-128 --trace /tmp/trace.json        # GPU
 
 Prints the phase split from the engine's own stats, then the profiler's table.
@@ -10,15 +10,13 @@ Prints the phase split from the engine's own stats, then the profiler's table.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, device_for, load_model, make_samples  # noqa: E402
+from benchmarks.workloads import WORKLOADS, device_for, load_model, make_samples
 
-from sparsevlm import SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
+from sparsevlm import SamplingParams, SparsityConfig, VLMEngine
 
 
 def main() -> None:

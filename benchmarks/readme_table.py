@@ -1,13 +1,14 @@
 """The README's performance tables, generated from one `throughput.py` JSON.
 
-    python benchmarks/readme_table.py                     # rewrite README.md between the markers
-    python benchmarks/readme_table.py --check             # exit 1 if README.md is out of date (a test runs this)
+    python -m benchmarks.readme_table                     # rewrite README.md between the markers
+    python -m benchmarks.readme_table --check             # exit 1 if README.md is out of date (a test runs this)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,11 +30,17 @@ def _row(r: dict) -> str:
             f"{r['prefill_s']:.2f} ({r['sparse_s']:.3f}) | {r['decode_s']:.2f} | {r['peak_memory_gb']:.1f} |")
 
 
+def _as_run_now(command: str) -> str:
+    """The recorded command as it is run today (benchmarks became a package: python -m)."""
+    command = command.replace("/root/out/", "benchmarks/results/")
+    return re.sub(r"python benchmarks/(\w+)\.py", r"python -m benchmarks.\1", command)
+
+
 def render(report: dict) -> str:
     rows = report["rows"]
     lines = [BEGIN, "",
              f"{report['device']}, torch {report['torch']}, transformers {report['transformers']}; one run of",
-             f"`{report['command'].replace('/root/out/', 'benchmarks/results/')}`:", "",
+             f"`{_as_run_now(report['command'])}`:", "",
              "| workload | system | samples/s | vs HF | vs our dense | visual tokens kept (final / layer-avg) "
              "| vision s | prefill s (sparse part) | decode s | peak GB |",
              "|---|---|---|---|---|---|---|---|---|---|", *map(_row, rows), "",
@@ -64,7 +71,7 @@ def main() -> int:
     updated = head + render(json.loads(args.json.read_text())) + tail
     if args.check:
         if updated != text:
-            print(f"{args.readme} is out of date: run python benchmarks/readme_table.py", file=sys.stderr)
+            print(f"{args.readme} is out of date: run python -m benchmarks.readme_table", file=sys.stderr)
             return 1
         return 0
     args.readme.write_text(updated)

@@ -16,8 +16,8 @@ colour, size) and sometimes a sign with a short word, on a cluttered background.
 Every object a question names is unique under its description (colour + shape, or the
 words used), so each answer is determined by one region of the image.
 
-    python benchmarks/scenes.py --seed 0 --n 8 --out /tmp/scenes    # writes PNGs and questions.json
-    python benchmarks/scenes.py --seed 0 --n 256 --parquet /tmp/scenes.parquet --kind image
+    python -m benchmarks.scenes --seed 0 --n 8 --out /tmp/scenes    # writes PNGs and questions.json
+    python -m benchmarks.scenes --seed 0 --n 256 --parquet /tmp/scenes.parquet --kind image
         # a job / cost-report input: id, image (PNG bytes), prompt, answer (the cost report scores it)
 """
 

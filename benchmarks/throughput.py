@@ -1,7 +1,7 @@
 """Throughput: HF `generate` (dense, SDPA) vs our engine, dense and sparse, same process, same inputs.
 
-    python benchmarks/throughput.py                                  # CPU, tiny model, seconds
-    python benchmarks/throughput.py --model qwen2_5_vl_7b \
+    python -m benchmarks.throughput                                  # CPU, tiny model, seconds
+    python -m benchmarks.throughput --model qwen2_5_vl_7b \
         --methods none,sparsevlm-128 --json benchmarks/results/h100_throughput.json   # GPU, minutes
 
 HF runs identical samples stacked into batches (no padding: this flatters it) at each
@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import (  # noqa: E402
+from benchmarks.workloads import (
     HF_BEST_BATCH, MIXED, MODEL_NAMES, WORKLOADS, device_for, load_model, make_mixed_samples, make_samples,
     stack_identical)
 
-from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine  # noqa: E402
+from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
 
 
 def sync(device: torch.device) -> None:

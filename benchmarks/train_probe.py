@@ -1,11 +1,11 @@
 """Train the scene probe: a small Qwen2-VL-architecture VLM, from scratch, on procedural scene VQA.
 
-    python benchmarks/train_probe.py --out jobs/models/scene-probe --minutes 16.5 --workers 15   # one GPU
+    python -m benchmarks.train_probe --out jobs/models/scene-probe --minutes 16.5 --workers 15   # one GPU
         # (16 CPU cores keep an H100 / H200 GPU-bound; training.json says how the committed probe ran)
-    python benchmarks/train_probe.py --out /tmp/probe --minutes 1 --small          # CPU smoke run
-    python benchmarks/train_probe.py --out /tmp/probe --archive $OUT               # + the checkpoint as
+    python -m benchmarks.train_probe --out /tmp/probe --minutes 1 --small          # CPU smoke run
+    python -m benchmarks.train_probe --out /tmp/probe --archive $OUT               # + the checkpoint as
         # probe.tar.gz.partNN files of at most 15 MiB; back on this side: cat probe.tar.gz.part* | tar xz
-    python benchmarks/train_probe.py --out /tmp/robust --init-from jobs/models/scene-probe --drop-share 0.5 \
+    python -m benchmarks.train_probe --out /tmp/robust --init-from jobs/models/scene-probe --drop-share 0.5 \
         --lr 3e-4 --minutes 7.5 --workers 15    # fine-tune with dropped visual tokens (README, Accuracy)
 
 Fresh scenes every step (benchmarks/scenes.py, drawn in DataLoader workers, seeds disjoint
@@ -31,15 +31,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scenes  # noqa: E402
-from probe_data import (  # noqa: E402
+from benchmarks import scenes
+from benchmarks.probe_data import (
     COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, SceneStream, collate, encode, gpu_pixels, grid_targets)
 
-from sparsevlm.preprocess import QwenVLProcessor, normalization_table  # noqa: E402
-from sparsevlm.tiny import build_tokenizer, vision_token_ids, write_preprocessor_configs  # noqa: E402
+from sparsevlm.preprocess import QwenVLProcessor, normalization_table
+from sparsevlm.tiny import build_tokenizer, vision_token_ids, write_preprocessor_configs
 
 PIXELS = 448 * 448  # every scene is resized to 448x448: 256 visual tokens per image / frame pair
 # head_dim 32 gives 16 rotary frequencies, theta^(-i/16); Qwen2-VL hands the first to time, then

@@ -19,7 +19,7 @@ ALL_FAMILIES = FAMILIES + ("qwen3_vl", "llava", "llava_onevision")  # modules fo
 # TRITON_INTERPRET their engines would score in the Triton interpreter, minutes per job. The
 # kernels' own tests (and the in-process engine tests elsewhere) keep it.
 RAY_JOB_MODULES = {"test_jobs", "test_faults", "test_cost_report", "test_ray_job_submit", "test_multinode", "test_llava",
-                   "test_llava_onevision"}
+                   "test_llava_onevision", "test_qwen3_vl"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,16 +6,14 @@ trained on (training uses seeds from 1,000,000 on), held to issue 6's bar of 90%
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import accuracy  # noqa: E402
+from benchmarks import accuracy
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def engine():
 def test_dense_probe_answers_nine_in_ten(engine):
     from sparsevlm import SparsityConfig
 
-    import scenes
+    from benchmarks import scenes
 
     result = accuracy.run(engine, seed=11, n=160, sparsity=SparsityConfig(method="none"))
     print(result)

@@ -11,20 +11,19 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import probe_data  # noqa: E402
-import scenes  # noqa: E402
-import train_probe  # noqa: E402
+from benchmarks import probe_data
+from benchmarks import scenes
+from benchmarks import train_probe
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A few CPU training steps of the small probe: a real checkpoint, not a good one."""
     out = tmp_path_factory.mktemp("probe") / "scene-probe"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_probe.py"), "--out", str(out), "--minutes",
+    subprocess.run([sys.executable, "-m", "benchmarks.train_probe", "--out", str(out), "--minutes",
                     "0.05", "--small", "--workers", "0", "--batch-size", "2", "--eval-n", "8",
-                    "--archive", str(out.parent / "parts")], check=True, capture_output=True)
+                    "--archive", str(out.parent / "parts")], check=True, capture_output=True, cwd=REPO)
     return out
 
 
@@ -167,13 +166,13 @@ def test_init_from_starts_from_the_checkpoint_and_refuses_another_architecture(c
     model would be random); a checkpoint of another configuration stops the run."""
     from safetensors.torch import load_file
 
-    command = [sys.executable, str(REPO / "benchmarks" / "train_probe.py"), "--init-from", str(checkpoint),
+    command = [sys.executable, "-m", "benchmarks.train_probe", "--init-from", str(checkpoint),
                "--minutes", "0.02", "--workers", "0", "--batch-size", "2", "--eval-n", "8", "--lr", "0"]
     subprocess.run([*command, "--out", str(tmp_path / "again"), "--small", "--drop-share", "1.0"],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, cwd=REPO)
     before, after = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    refused = subprocess.run([*command, "--out", str(tmp_path / "other")], capture_output=True, text=True)
+    refused = subprocess.run([*command, "--out", str(tmp_path / "other")], capture_output=True, text=True, cwd=REPO)
     assert refused.returncode != 0 and "is not a checkpoint of this script's model configuration" in refused.stderr
 
 
@@ -208,9 +207,9 @@ def test_training_writes_a_checkpoint_the_accuracy_benchmark_reads(checkpoint, t
     training = json.loads((checkpoint / "training.json").read_text())
     assert training["steps"] >= 1 and training["held_out"]["n"] == 8
     out = tmp_path / "accuracy.json"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--model", str(checkpoint), "--seed",
+    subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--model", str(checkpoint), "--seed",
                     "5", "--n", "8", "--method", "sparsevlm", "--preset", "64", "--json", str(out)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, cwd=REPO)
     result = json.loads(out.read_text())
     assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0 and result["method"] == "sparsevlm-64"
     assert set(result["by_type"]) == set(scenes.IMAGE_TYPES + scenes.VIDEO_TYPES)
@@ -258,7 +257,7 @@ def test_region_targets_name_what_is_drawn_under_each_token():
 
 
 def test_coverage_finds_the_objects_a_question_names():
-    import coverage
+    from benchmarks import coverage
 
     for index in range(32):
         sample = scenes.sample_at(13, index)

@@ -104,3 +104,22 @@ def test_deepstack_after_an_early_prune_reaches_the_kept_tokens(qwen3):
 def _layer(adapter, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     rotary = adapter.rotary(hidden[None], positions)
     return adapter.layers[index](hidden[None], attention_mask=None, position_embeddings=rotary)[0]
+
+
+@pytest.mark.slow
+def test_the_video_job_runs_on_qwen3_vl(tmp_path, tiny_checkpoints):
+    """Timestamped prompts, clip-wide resize and DeepStack through the pipeline's columns."""
+    import pyarrow.dataset as pads
+    import ray
+
+    from pipeline.cli import main
+
+    argv = ["--model", tiny_checkpoints["qwen3_vl"], "--output", str(tmp_path / "out"), "--max-new-tokens", "4",
+            "--batch-size", "4", "--num-frames", "4", "--sparsity", "sparsevlm-r0.5"]
+    try:
+        assert main("video", "test", base={"generation": {"task": "caption"}}, argv=argv) == 0
+    finally:
+        ray.shutdown()
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert rows and all(r["error"] is None and r["n_generated_tokens"] >= 1 for r in rows), rows
+    assert all(0 < r["n_visual_tokens_kept"] < r["n_visual_tokens"] for r in rows)

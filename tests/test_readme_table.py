@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_readme_table_matches_the_committed_json():
-    result = subprocess.run([sys.executable, "benchmarks/readme_table.py", "--check"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.readme_table", "--check"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

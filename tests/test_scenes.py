@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import scenes  # noqa: E402
+from benchmarks import scenes
 
 
 def named(things, colour, shape):
@@ -107,8 +106,8 @@ def test_same_seed_same_scenes_other_seed_other_scenes():
 
 
 def test_command_line_writes_pictures_and_questions(tmp_path):
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "scenes.py"), "--seed", "2", "--n", "3",
-                    "--out", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.scenes", "--seed", "2", "--n", "3",
+                    "--out", str(tmp_path)], check=True, capture_output=True, cwd=REPO)
     listing = json.loads((tmp_path / "questions.json").read_text())
     assert len(listing) == 3 and all((tmp_path / f"{i:04d}.png").exists() for i in range(3))
 
