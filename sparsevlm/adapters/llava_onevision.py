@@ -4,8 +4,8 @@ with image-newline tokens, 2x2-pooled video frames, a Qwen2 decoder with 1-D RoP
 transformers' `LlavaOnevisionProcessor` cannot be built without torchvision (its video
 processor), so `OnevisionProcessor` assembles the same output from the parts that can: the
 library's PIL image processor (tiles, padding, `image_sizes`) and the library's own token
-arithmetic (`replace_image_token` / `replace_video_token`, called on a processor object that
-skips the torchvision-bound constructor). Video frames are resized with PIL bicubic (the
+arithmetic (`_get_number_of_features`, called on a processor object that skips the
+torchvision-bound constructor). Video frames are resized with PIL bicubic (the
 torchvision processor rounds differently, as for Qwen-VL). The vision features are the
 model's own `get_image_features` / `get_video_features` (tiles, unpadding, newlines, pooling),
 over all of a pack's images in one tower call.
@@ -14,6 +14,7 @@ over all of a pack's images in one tower call.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +28,7 @@ IMAGE, VIDEO = "<image>", "<video>"
 
 
 def _token_arithmetic(num_image_tokens: int, strategy: str, aspect_ratio: str, grid_pinpoints):
-    """transformers' LlavaOnevisionProcessor with only what its token counting reads."""
+    """transformers' LlavaOnevisionProcessor holding only what its token arithmetic reads."""
     from transformers import LlavaOnevisionProcessor
 
     counter = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
@@ -38,13 +39,21 @@ def _token_arithmetic(num_image_tokens: int, strategy: str, aspect_ratio: str, g
 
 
 def image_token_counts(counter, image_sizes, batch_num_images, tile_side: int) -> list[int]:
-    inputs = {"image_sizes": image_sizes, "batch_num_images": batch_num_images,
-              "pixel_values": [[np.zeros((1, tile_side, tile_side))]]}
-    return [len(counter.replace_image_token(inputs, i)) // len(IMAGE) for i in range(len(image_sizes))]
+    """Placeholders per image, as transformers' processor counts them: its own any-resolution
+    arithmetic (`_get_number_of_features`, stable across transformers 4.4x-5.x) for a lone image,
+    the base tile and a newline for each image of a multi-image input, less the CLS token under
+    the "default" strategy."""
+    multi = [int(n) != 1 for n in batch_num_images for _ in range(int(n))]
+    drop_cls = int(counter.vision_feature_select_strategy == "default")
+    return [(counter.num_image_tokens + 1 if is_multi else
+             counter._get_number_of_features(int(h), int(w), tile_side, tile_side)) - drop_cls
+            for (h, w), is_multi in zip(image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes, multi)]
 
 
 def video_token_count(counter, num_frames: int) -> int:
-    return len(counter.replace_video_token({"pixel_values_videos": [[None] * num_frames]}, 0)) // len(VIDEO)
+    """Frames are 2x2-pooled (rounding up) and one newline closes the video."""
+    pooled = math.ceil(int(math.isqrt(counter.num_image_tokens)) / 2)
+    return num_frames * pooled * pooled + 1
 
 
 def tiles_per_image(grid_pinpoints, tile_side: int, image_sizes, batch_num_images) -> list[int]:
