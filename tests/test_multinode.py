@@ -83,10 +83,10 @@ def start_job(cluster, source: Path, out: Path, new_tokens: int = 4) -> subproce
     in this process would carry Ray Data state over from other test modules' local clusters)."""
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "RAY_ADDRESS": cluster.address,
            "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    log = open(out.parent / f"{out.name}-driver.log", "ab")
-    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "label_images.py"),
-                             *job_args(source, out, new_tokens)], env=env, start_new_session=True, stdout=log,
-                            stderr=subprocess.STDOUT)
+    with open(out.parent / f"{out.name}-driver.log", "ab") as log:  # the driver keeps its own copy
+        return subprocess.Popen([sys.executable, str(REPO / "jobs" / "label_images.py"),
+                                 *job_args(source, out, new_tokens)], env=env, start_new_session=True, stdout=log,
+                                stderr=subprocess.STDOUT)
 
 
 def finished(process: subprocess.Popen, out: Path) -> int:

@@ -34,14 +34,6 @@ def overrides_for(name: str, lowres_max_pixels: int | None = None) -> dict:
     return {f"sparsity.{field}": value for field, value in fields.items()}
 
 
-def budget_of(name: str) -> float | None:
-    """The preset of a name like sparsevlm-128 (None for dense rows, ratios and schedules): the plots' x axis."""
-    try:
-        return parse_label(name).get("preset")
-    except ValueError:
-        return None
-
-
 def quarter_resolution_pixels(dense: pa.Table, factor: int = 28) -> int:
     """max_pixels giving a quarter of a dense run's median visual tokens (half the side).
 
