@@ -20,8 +20,10 @@ FLAGS = [  # (flag, config field, type, help)
     ("--media-column", "input.media_column", str, "column with the media (default: image or video)"),
     ("--limit", "input.limit", int, "only the first N input rows"),
     ("--output", "output.uri", str, "output folder, local or URI (default: runs/<kind>-<time>)"),
-    ("--model", "model.path", str, "model path or hub id (default: embedded:scene-probe, the probe trained here; "
-                                   "embedded:tiny-qwen2_5_vl: random weights)"),
+    ("--model", "model.path", str, "model path or hub id of a supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
+                                   "LLaVA-1.5, LLaVA-OneVision; read from its config.json) (default: "
+                                   "embedded:scene-probe, the probe trained here; embedded:tiny-qwen2_5_vl: random "
+                                   "weights)"),
     ("--dtype", "model.dtype", str, "bfloat16 (default), float16 or float32 on GPU; CPU always uses float32"),
     ("--method", "sparsity.method", str, "none, sparsevlm (default), sparsevlm_v2, fastv or random"),
     ("--schedule", "sparsity.schedule", lambda text: _argument(parse_schedule, text),
