@@ -8,6 +8,10 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU; must precede triton's import
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every Ray cluster a test starts is a throwaway local one: no token to hand around. Set once for
+# the whole session: Ray keeps the mode a driver first saw, so a module that changed it for its own
+# cluster left later in-process clusters unable to start ("Failed to start GCS", InvalidAuthToken).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest  # noqa: E402
 

@@ -37,7 +37,6 @@ def cluster():
 
     ray.shutdown()  # an earlier module's local Ray would take the driver's connection
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway cluster: no token to hand around
         env.delenv("RAY_ADDRESS", raising=False)
         env.delenv("TRITON_INTERPRET", raising=False)  # conftest's, for kernel tests: engines run plain torch
         nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
