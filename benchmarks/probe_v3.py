@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from benchmarks import scenes
 from benchmarks.probe_data import COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, region_targets
+from sparsevlm.tiny import CLIP_MEAN, CLIP_STD, write_llava_processor_configs
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = REPO / "jobs" / "models" / "probe-v3-parts"
@@ -54,8 +55,6 @@ CHAT_TEMPLATE = (
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 REGION_LOSS_WEIGHT = 0.5
 BACKGROUND_WORD_WEIGHT = 0.1
 
@@ -110,15 +109,7 @@ def base_model(gguf: Path, tokenizer, dtype=torch.float32):
 
 def write_processor_files(out: Path, tokenizer) -> None:
     tokenizer.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps(dict(
-        image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor", do_resize=True,
-        size={"shortest_edge": IMAGE_SIZE}, resample=3, do_center_crop=True,
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True, do_pad=False), indent=2))
-    (out / "processor_config.json").write_text(json.dumps(dict(
-        processor_class="LlavaProcessor", patch_size=PATCH, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, image_token=IMAGE_TOKEN), indent=2))
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    write_llava_processor_configs(out, IMAGE_SIZE, chat_template=CHAT_TEMPLATE)  # patch 14, CLIP statistics
 
 
 def with_lora(model, rank: int = 8):

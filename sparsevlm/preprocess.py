@@ -191,7 +191,32 @@ def frames_grid(frames: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[int, i
             frames.shape[2] // cfg.patch_size)
 
 
-class QwenVLProcessor:
+def library_normalization_table(image_processor) -> np.ndarray:
+    """(256, 3) float32: each uint8 level per channel through a transformers PIL image processor's
+    own rescale and normalise (the steps it runs on a resized image), so a lookup reproduces them."""
+    ip = image_processor
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
+    values = ip.normalize(ip.rescale(levels, ip.rescale_factor), ip.image_mean, ip.image_std)
+    return np.ascontiguousarray(values[:, 0, :].T, dtype=np.float32)
+
+
+class TokenizerFacade:
+    """What every family's processor answers through its tokenizer (`self.tokenizer`)."""
+
+    tokenizer = None
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=tokenize, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+class QwenVLProcessor(TokenizerFacade):
     """Drop-in for transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor, one sample per call.
 
         processor = QwenVLProcessor.from_pretrained(path)
@@ -233,10 +258,6 @@ class QwenVLProcessor:
         self.image_cfg = dataclasses.replace(self.image_cfg, **bounds)
         self.video_cfg = dataclasses.replace(self.video_cfg, **bounds)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=tokenize, **kwargs)
-
     def __call__(self, text, images=None, videos=None, return_tensors: str = "pt", video_fps: float = 2.0,
                  return_frames: bool = False) -> dict:
         """`text`: one prompt (or a one-element list) containing one pad token per image/video.
@@ -267,12 +288,12 @@ class QwenVLProcessor:
             video_tokens = self._visual(out, "video", "pixel_values_videos", resized, self.video_cfg, return_frames)
             if self.with_second_per_grid_ts:
                 out["second_per_grid_ts"] = torch.tensor([self.video_cfg.temporal_patch_size / video_fps] * len(videos))
-        text = _expand_pad_tokens(text, IMAGE_PAD, image_tokens)
+        text = expand_placeholders(text, IMAGE_PAD, image_tokens, "image")
         if self.timestamped_videos and videos:
             text = _timestamped_videos(text, out["video_grid_thw"].tolist(), [len(v) for v in resized],
                                        video_fps, self.video_cfg)
         else:
-            text = _expand_pad_tokens(text, VIDEO_PAD, video_tokens)
+            text = expand_placeholders(text, VIDEO_PAD, video_tokens, "video")
         input_ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
         token_type = torch.zeros_like(input_ids, dtype=torch.int32)
         token_type[input_ids == self.image_token_id] = TOKEN_TYPE_IMAGE
@@ -292,13 +313,6 @@ class QwenVLProcessor:
                 [patchify(normalize_frames(frames, _table(cfg)), cfg)[0] for frames in resized]))
         out[f"{kind}_grid_thw"] = torch.tensor(grids, dtype=torch.long)
         return [t * h * w // cfg.merge_size ** 2 for t, h, w in grids]
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
-
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
@@ -327,13 +341,13 @@ def _timestamped_videos(text: str, grids: list[list[int]], frame_counts: list[in
     return "".join(expanded)
 
 
-def _expand_pad_tokens(text: str, pad: str, counts: list[int]) -> str:
-    pieces = text.split(pad)
+def expand_placeholders(text: str, token: str, counts: list[int], kind: str) -> str:
+    """Each occurrence of `token` in a prompt repeated counts[i] times (one per visual token)."""
+    pieces = text.split(token)
     if len(pieces) - 1 != len(counts):
-        kind = "image" if pad == IMAGE_PAD else "video"
-        raise ValueError(f"prompt has {len(pieces) - 1} {pad} token(s) but {len(counts)} {kind}(s) were given; "
-                         f"put one {pad} per {kind} in the prompt (apply_chat_template does this)")
+        raise ValueError(f"prompt has {len(pieces) - 1} {token} token(s) but {len(counts)} {kind}(s) were given; "
+                         f"put one {token} per {kind} in the prompt (apply_chat_template does this)")
     expanded = [pieces[0]]
     for count, piece in zip(counts, pieces[1:]):
-        expanded += [pad * count, piece]
+        expanded += [token * count, piece]
     return "".join(expanded)

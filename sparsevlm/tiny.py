@@ -163,7 +163,7 @@ def write_onevision_processor_configs(path: Path, tile: int, pinpoints, num_imag
     (path / "chat_template.jinja").write_text(ONEVISION_CHAT_TEMPLATE)
 
 
-def write_llava_processor_configs(path: Path, image_size: int) -> None:
+def write_llava_processor_configs(path: Path, image_size: int, chat_template: str = LLAVA_CHAT_TEMPLATE) -> None:
     """llava-hf's files: a CLIP-style image processor (shortest edge, centre crop) and the processor."""
     (path / "preprocessor_config.json").write_text(json.dumps(dict(
         image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor", do_resize=True,
@@ -173,7 +173,7 @@ def write_llava_processor_configs(path: Path, image_size: int) -> None:
     (path / "processor_config.json").write_text(json.dumps(dict(
         processor_class="LlavaProcessor", patch_size=14, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, image_token="<image>"), indent=2))
-    (path / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
+    (path / "chat_template.jinja").write_text(chat_template)
 
 
 def _model_config(family: str, tokenizer, initializer_range: float):

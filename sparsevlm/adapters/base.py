@@ -110,6 +110,24 @@ class ModelAdapter:
     def check_processor(self, processor) -> None:
         """Raise if `processor` belongs to another checkpoint (token ids, vocabulary, patch size)."""
 
+    def _use_decoder(self, text_model, lm_head) -> None:
+        """The decoder pieces the engine drives, from the family's text model."""
+        self.text_config = text_model.config
+        self.embed_tokens, self.layers, self.norm = text_model.embed_tokens, text_model.layers, text_model.norm
+        self.rotary_emb = text_model.rotary_emb
+        self.lm_head = lm_head
+        self.vocab_size = self.text_config.vocab_size
+
+    def _check_token_ids(self, expected: dict[str, int], found: dict[str, int | None], tokenizer) -> None:
+        """Placeholder ids and vocabulary size agree with the model, or a one-line error."""
+        for name, model_id in expected.items():
+            if found[name] != model_id:
+                raise ValueError(f"processor maps {name} to id {found[name]} but the model expects {model_id}: model "
+                                 "and processor come from different checkpoints (load both from the same path)")
+        if len(tokenizer) > self.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {self.vocab_size}: "
+                             "model and processor come from different checkpoints")
+
     def use_processor(self, processor) -> None:
         """Learn what the device-side pixel path needs from the processor (normalisation)."""
 
@@ -223,3 +241,17 @@ class ModelAdapter:
     def head_dim(self) -> int:
         return getattr(self.text_config, "head_dim", None) or (
             self.text_config.hidden_size // self.text_config.num_attention_heads)
+
+
+class RoPE1D:
+    """Position ids 0..L-1 and the model's own rotary: LLaVA-1.5, LLaVA-OneVision (mixed into their adapters)."""
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
+        return self.rotary_emb(hidden, positions)
+
+    def decode_positions(self, next_positions: torch.Tensor) -> torch.Tensor:
+        return next_positions[None, :]
+
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.rotary_emb.inv_freq.float()
+        return inv_freq, torch.zeros_like(inv_freq, dtype=torch.long)  # one position component

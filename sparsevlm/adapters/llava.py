@@ -16,14 +16,14 @@ import logging
 import numpy as np
 import torch
 
-from ..preprocess import normalize_frames
-from .base import ModelAdapter, PreparedSample, VisualFeatures, checked_input_ids
+from ..preprocess import TokenizerFacade, library_normalization_table, normalize_frames
+from .base import ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids
 
 logger = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
 
 
-class LlavaFrameProcessor:
+class LlavaFrameProcessor(TokenizerFacade):
     """transformers' `LlavaProcessor` (PIL backend), one sample per call, optionally with uint8 frames.
 
         processor = LlavaFrameProcessor.from_pretrained(path)
@@ -79,18 +79,7 @@ class LlavaFrameProcessor:
         return out
 
     def normalization_table(self) -> np.ndarray:
-        """(256, 3) float32: each uint8 level per channel through the image processor's own rescale
-        and normalise, the steps it runs on a resized image, so a lookup reproduces them exactly."""
-        ip = self.image_processor
-        levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
-        values = ip.normalize(ip.rescale(levels, ip.rescale_factor), ip.image_mean, ip.image_std)
-        return np.ascontiguousarray(values[:, 0, :].T, dtype=np.float32)
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        return library_normalization_table(self.image_processor)
 
 
 class LlavaPreparer:
@@ -147,7 +136,7 @@ class LlavaPreparer:
                               is_visual=is_visual)
 
 
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(RoPE1D, ModelAdapter):
     model_types = ("llava",)
     media_kinds = LlavaFrameProcessor.media_kinds
 
@@ -156,12 +145,8 @@ class LlavaAdapter(ModelAdapter):
         inner = model.model
         text = inner.language_model
         self.inner = inner
-        self.text_config = text.config
-        self.embed_tokens, self.layers, self.norm = text.embed_tokens, text.layers, text.norm
-        self.rotary_emb = text.rotary_emb
-        self.lm_head = model.lm_head
+        self._use_decoder(text, model.lm_head)
         self.preparer = LlavaPreparer(model.config)
-        self.vocab_size = self.text_config.vocab_size
         self._table: torch.Tensor | None = None
 
     @classmethod
@@ -182,14 +167,8 @@ class LlavaAdapter(ModelAdapter):
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is None:
             return
-        found = getattr(processor, "image_token_id", None)
-        if found != self.model.config.image_token_id:
-            raise ValueError(f"processor's image token has id {found} but the model expects "
-                             f"{self.model.config.image_token_id}: model and processor come from different checkpoints "
-                             "(load both from the same path)")
-        if len(tokenizer) > self.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {self.vocab_size}: "
-                             "model and processor come from different checkpoints")
+        self._check_token_ids({IMAGE_PLACEHOLDER: self.model.config.image_token_id},
+                              {IMAGE_PLACEHOLDER: getattr(processor, "image_token_id", None)}, tokenizer)
 
     def use_processor(self, processor) -> None:
         if hasattr(processor, "normalization_table"):
@@ -222,13 +201,3 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError("image frames need the processor's normalisation; build the engine with a "
                              "LlavaFrameProcessor")
         return torch.cat([normalize_frames(frames, self._table) for frames in self.uploaded(sample, "image_frames")])
-
-    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
-        return self.rotary_emb(hidden, positions)
-
-    def decode_positions(self, next_positions: torch.Tensor) -> torch.Tensor:
-        return next_positions[None, :]
-
-    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.rotary_emb.inv_freq.float()
-        return inv_freq, torch.zeros_like(inv_freq, dtype=torch.long)

@@ -21,8 +21,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..preprocess import VisionPreprocessConfig, normalization_table, normalize_frames, resize_frame, _to_rgb_uint8
-from .base import ModelAdapter, PreparedSample, VisualFeatures, checked_input_ids
+from ..preprocess import (
+    TokenizerFacade, VisionPreprocessConfig, _to_rgb_uint8, expand_placeholders, library_normalization_table,
+    normalization_table, normalize_frames, resize_frame)
+from .base import ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids
 
 IMAGE, VIDEO = "<image>", "<video>"
 
@@ -66,7 +68,7 @@ def tiles_per_image(grid_pinpoints, tile_side: int, image_sizes, batch_num_image
             for size, patch in zip(image_sizes, patching)]
 
 
-class OnevisionProcessor:
+class OnevisionProcessor(TokenizerFacade):
     """One sample per call, like transformers' processor; `return_frames=True` gives uint8 tiles
     (`image_frames`: (tiles, S, S, 3) per image) and frames (`video_frames`: (F, S, S, 3)), with
     `*_grid_thw` rows (1, original height, original width) per image and (F, S, S) per video:
@@ -107,10 +109,6 @@ class OnevisionProcessor:
                                            image_std=tuple(raw.get("image_std", image_processor.image_std)),
                                            rescale_factor=float(raw.get("rescale_factor", 1 / 255)))
         return cls(tokenizer, image_processor, counter, video_cfg, int(raw.get("size", {}).get("height", side)))
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=tokenize, **kwargs)
 
     def bound_pixels(self, min_pixels: int | None, max_pixels: int | None) -> None:
         import logging
@@ -154,8 +152,8 @@ class OnevisionProcessor:
             else:
                 table = normalization_table(self.video_cfg)
                 out["pixel_values_videos"] = torch.from_numpy(np.stack([normalize_frames(f, table) for f in resized]))
-        text = _expand(text, IMAGE, image_counts)
-        text = _expand(text, VIDEO, video_counts)
+        text = expand_placeholders(text, IMAGE, image_counts, "image")
+        text = expand_placeholders(text, VIDEO, video_counts, "video")
         input_ids = torch.tensor([self.tokenizer(text)["input_ids"]], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **out}
 
@@ -169,28 +167,7 @@ class OnevisionProcessor:
     def normalization_table(self, kind: str) -> np.ndarray:
         if kind == "video":
             return normalization_table(self.video_cfg)
-        ip = self.image_processor  # the library's own rescale and normalise, as on a tile
-        levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
-        values = ip.normalize(ip.rescale(levels, ip.rescale_factor), ip.image_mean, ip.image_std)
-        return np.ascontiguousarray(values[:, 0, :].T, dtype=np.float32)
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
-
-
-def _expand(text: str, token: str, counts: list[int]) -> str:
-    pieces = text.split(token)
-    if len(pieces) - 1 != len(counts):
-        kind = "image" if token == IMAGE else "video"
-        raise ValueError(f"prompt has {len(pieces) - 1} {token} token(s) but {len(counts)} {kind}(s) were given; "
-                         f"put one {token} per {kind} in the prompt (apply_chat_template does this)")
-    expanded = [pieces[0]]
-    for count, piece in zip(counts, pieces[1:]):
-        expanded += [token * count, piece]
-    return "".join(expanded)
+        return library_normalization_table(self.image_processor)  # as on a tile
 
 
 class OnevisionPreparer:
@@ -262,7 +239,7 @@ class OnevisionPreparer:
         return [item.contiguous().pin_memory() if pin else item.contiguous() for item in items]
 
 
-class LlavaOnevisionAdapter(ModelAdapter):
+class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
     model_types = ("llava_onevision",)
     media_kinds = OnevisionProcessor.media_kinds
 
@@ -270,12 +247,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         super().__init__(model)
         self.inner = model.model
         text = self.inner.language_model
-        self.text_config = text.config
-        self.embed_tokens, self.layers, self.norm = text.embed_tokens, text.layers, text.norm
-        self.rotary_emb = text.rotary_emb
-        self.lm_head = model.lm_head
+        self._use_decoder(text, model.lm_head)
         self.preparer = OnevisionPreparer(model.config)
-        self.vocab_size = self.text_config.vocab_size
         self._tables: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -303,14 +276,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
         if tokenizer is None:
             return
         config = self.model.config
-        for kind, expected in (("image", config.image_token_id), ("video", config.video_token_id)):
-            found = getattr(processor, f"{kind}_token_id", None)
-            if found != expected:
-                raise ValueError(f"processor's {kind} token has id {found} but the model expects {expected}: model "
-                                 "and processor come from different checkpoints (load both from the same path)")
-        if len(tokenizer) > self.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {self.vocab_size}: "
-                             "model and processor come from different checkpoints")
+        self._check_token_ids({IMAGE: config.image_token_id, VIDEO: config.video_token_id},
+                              {IMAGE: getattr(processor, "image_token_id", None),
+                               VIDEO: getattr(processor, "video_token_id", None)}, tokenizer)
 
     def use_processor(self, processor) -> None:
         if hasattr(processor, "normalization_table"):
@@ -356,13 +324,3 @@ class LlavaOnevisionAdapter(ModelAdapter):
             features.by_token_id[config.video_token_id] = torch.cat(
                 [getattr(out, "pooler_output", out).flatten(0, 1) for out in pooled])
         return features
-
-    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
-        return self.rotary_emb(hidden, positions)
-
-    def decode_positions(self, next_positions: torch.Tensor) -> torch.Tensor:
-        return next_positions[None, :]
-
-    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.rotary_emb.inv_freq.float()
-        return inv_freq, torch.zeros_like(inv_freq, dtype=torch.long)

@@ -149,13 +149,9 @@ class QwenVLAdapter(ModelAdapter):
         inner = model.model
         text = inner.language_model
         self.visual = inner.visual
-        self.text_config = text.config
-        self.embed_tokens, self.layers, self.norm = text.embed_tokens, text.layers, text.norm
-        self.rotary_emb = text.rotary_emb
-        self.lm_head = model.lm_head
+        self._use_decoder(text, model.lm_head)
         self.preparer = QwenVLPreparer(model.config, inner.get_rope_index)
         self.token_ids = self.preparer.token_ids
-        self.vocab_size = self.text_config.vocab_size
         self._pixel_configs: dict[str, tuple] = {}  # kind -> (preprocess config, device normalisation table)
         self._compiled_blocks: torch.nn.ModuleList | None = None
 
@@ -178,14 +174,8 @@ class QwenVLAdapter(ModelAdapter):
         if tokenizer is None:
             return
         config = self.model.config
-        for token, expected in ((IMAGE_PAD, config.image_token_id), (VIDEO_PAD, config.video_token_id)):
-            found = tokenizer.convert_tokens_to_ids(token)
-            if found != expected:
-                raise ValueError(f"processor maps {token} to id {found} but the model expects {expected}: model and "
-                                 "processor come from different checkpoints (load both from the same path)")
-        if len(tokenizer) > self.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {self.vocab_size}: "
-                             "model and processor come from different checkpoints")
+        expected = {IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id}
+        self._check_token_ids(expected, {t: tokenizer.convert_tokens_to_ids(t) for t in expected}, tokenizer)
 
     def use_processor(self, processor) -> None:
         for kind, cfg in (("image", getattr(processor, "image_cfg", None)),
