@@ -1,6 +1,7 @@
 """Does pruning keep the tokens a question is about? Coverage of the asked objects, per method.
 
     python -m benchmarks.coverage --seed 7 --n 160 --preset 64 --json out.json
+    python -m benchmarks.coverage --model .cache/probe-v3 --seed 11 --n 400 --preset 128   # probe v3 (images)
 
 For each scene of a fresh test set (benchmarks/scenes.py), the visual tokens that show an
 object the question names (from what was drawn, `probe_data.objects_under_tokens`), and the
@@ -47,6 +48,16 @@ def asked_objects(sample: scenes.Sample) -> set[int]:
             if question.endswith(f"the {t.shape}?") or question.endswith(f"the {t.size} {t.shape}?")}
 
 
+def token_grid(engine: VLMEngine, inputs: dict, sample: scenes.Sample) -> tuple[int, int, int]:
+    """(frame groups, rows, columns) of a sample's visual tokens, in token order."""
+    if sample.kind == "image":
+        _, rows, columns = engine.adapter.first_token_grid(engine.processor, sample.frames[0], "image")
+        return 1, rows, columns
+    groups, height, width = inputs["video_grid_thw"][0].tolist()
+    merge = engine.processor.video_cfg.merge_size
+    return groups, height // merge, width // merge
+
+
 def measure(engine: VLMEngine, samples: list[scenes.Sample], sparsity: SparsityConfig, batch_size: int = 32) -> dict:
     processor = engine.processor
     rows = []
@@ -55,9 +66,7 @@ def measure(engine: VLMEngine, samples: list[scenes.Sample], sparsity: SparsityC
         encoded = [encode(processor, s, with_answer=False) for s in chunk]
         results = engine.generate(encoded, SamplingParams(max_new_tokens=6), sparsity=sparsity)
         for sample, inputs, result in zip(chunk, encoded, results):
-            groups, height, width = inputs.get("image_grid_thw", inputs.get("video_grid_thw"))[0].tolist()
-            merge = processor.image_cfg.merge_size
-            under = objects_under_tokens(sample, groups, height // merge, width // merge)
+            under = objects_under_tokens(sample, *token_grid(engine, inputs, sample))
             relevant = np.isin(under, list(asked_objects(sample)))
             kept = np.zeros(len(under), dtype=bool)
             kept[result.stats.kept_visual_positions] = True
@@ -83,14 +92,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=160)
     parser.add_argument("--preset", type=int, default=64, choices=[64, 96, 128, 192])
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--model", type=Path, default=PROBE)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = VLMEngine.from_pretrained(str(PROBE), dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+    engine = VLMEngine.from_pretrained(str(args.model), dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                                        device=device)
-    samples = scenes.generate(args.seed, args.n)
-    result = {"command": " ".join(["python", *sys.argv]), "seed": args.seed, "n": args.n, "preset": args.preset,
-              "methods": {}}
+    video = scenes.VIDEO_TYPES if "video" in engine.adapter.media_kinds else ()
+    samples = scenes.generate(args.seed, args.n, scenes.IMAGE_TYPES + video)
+    result = {"command": " ".join(["python -m benchmarks.coverage", *sys.argv[1:]]), "model": str(args.model),
+              "seed": args.seed, "n": args.n, "preset": args.preset, "methods": {}}
     print("| method | type | accuracy | asked-object tokens kept | all visual tokens kept |\n|---|---|---|---|---|")
     for method in args.methods.split(","):
         by_type = measure(engine, samples, SparsityConfig(method=method, preset=args.preset))

@@ -33,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from benchmarks import scenes
-from benchmarks.probe_data import COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, region_targets
+from benchmarks.probe_data import (
+    COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, region_targets, tree_attention_mask)
 from sparsevlm.tiny import CLIP_MEAN, CLIP_STD, write_llava_processor_configs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,91 +149,138 @@ def _resize(image) -> np.ndarray:
 
 
 class SceneQuestions(IterableDataset):
-    """Endless training scenes (seeds from TRAIN_SEED_BASE on, per worker): one image and up to
-    `questions` of its questions, tokenised as the engine's processor would."""
+    """Endless training scenes, one image and up to `questions` of its questions each, as ONE
+    sequence that trains exactly as that many lone questions: the prompt up to the last visual
+    token once (the prefix), then per question a branch (the rest of its prompt, its answer,
+    <|im_end|>) that sees the prefix and itself only and is positioned right after the prefix,
+    as the engine positions a lone question. The prompts are the engine's processor's, cut
+    where they part; `lone_sequences` rebuilds the single-question examples (the reference).
+    Scene seeds: from TRAIN_SEED_BASE on, per (seed, start step, worker), so a resumed run
+    draws new scenes."""
 
-    def __init__(self, tokenizer, seed: int, questions: int):
-        self.tokenizer, self.seed, self.questions = tokenizer, seed, questions
+    def __init__(self, tokenizer, seed: int, questions: int, start_step: int = 0):
+        self.tokenizer, self.seed, self.questions, self.start_step = tokenizer, seed, questions, start_step
 
     def __iter__(self):
         info = get_worker_info()
-        rng = random.Random(TRAIN_SEED_BASE + self.seed * 1000 + (info.id if info else 0))
-        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        rng = random.Random(f"{TRAIN_SEED_BASE}:{self.seed}:{self.start_step}:{info.id if info else 0}")
         while True:
             asked = scenes.scene_questions(rng)
-            if not asked:
-                continue
-            rng.shuffle(asked)
-            sample = asked[0]
-            sequences = []
-            for question in asked[:self.questions]:
-                prompt = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"},
-                                                  {"type": "text", "text": question.question + scenes.PROMPT_SUFFIX}]}],
-                    add_generation_prompt=True, tokenize=False).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID)
-                prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-                answer_ids = self.tokenizer.encode(question.answer + "<|im_end|>", add_special_tokens=False)
-                assert prompt_ids.count(image_id) == GRID * GRID
-                sequences.append((prompt_ids, answer_ids))
-            yield {"pixels": _resize(sample.frames[0]), "regions": region_targets(sample, 1, GRID, GRID),
-                   "sequences": sequences}
+            if asked:
+                yield self.encode(asked[:self.questions])
+
+    def prompt_ids(self, question: str) -> list[int]:
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + scenes.PROMPT_SUFFIX}]}],
+            add_generation_prompt=True, tokenize=False)
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        at = ids.index(image_id)  # a special token, so one id: expanded as the processor expands it
+        return ids[:at] + [image_id] * (GRID * GRID) + ids[at + 1:]
+
+    def encode(self, asked: list) -> dict:
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        ids, labels, branch, positions, prefix = [], [], [], [], None
+        for number, sample in enumerate(asked, start=1):
+            prompt = self.prompt_ids(sample.question)
+            cut = len(prompt) - prompt[::-1].index(image_id)  # the prefix ends on the last visual token
+            if prefix is None:
+                prefix = prompt[:cut]
+                assert prefix.count(image_id) == GRID * GRID
+                ids, labels, branch, positions = list(prefix), [-100] * cut, [0] * cut, list(range(cut))
+            elif prompt[:cut] != prefix:
+                raise AssertionError("questions on one scene must share the prompt up to the image's end")
+            question = prompt[cut:]
+            answer = self.tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)
+            ids += question + answer
+            labels += [-100] * len(question) + answer
+            branch += [number] * (len(question) + len(answer))
+            positions += range(cut, cut + len(question) + len(answer))
+        first = asked[0]
+        return {"pixels": _resize(first.frames[0]), "regions": region_targets(first, 1, GRID, GRID),
+                "input_ids": ids, "labels": labels, "branch": branch, "position_ids": positions}
+
+
+def lone_sequences(example: dict) -> list[tuple[list[int], list[int]]]:
+    """The (input_ids, labels) of each question of a packed example alone: prefix + its branch."""
+    branch = example["branch"]
+    prefix = [i for i, b in enumerate(branch) if b == 0]
+    out = []
+    for number in range(1, max(branch) + 1):
+        rows = prefix + [i for i, b in enumerate(branch) if b == number]
+        out.append(([example["input_ids"][i] for i in rows], [example["labels"][i] for i in rows]))
+    return out
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    rows = [(i, p, a) for i, e in enumerate(examples) for p, a in e["sequences"]]
-    length = max(len(p) + len(a) for _, p, a in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, (_, prompt, answer) in enumerate(rows):
-        ids = prompt + answer
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, len(prompt):len(ids)] = torch.tensor(answer)
-        mask[row, :len(ids)] = 1
+    """Right-padded to the longest scene; padding is branch -1 (tree_attention_mask lets it see
+    the prefix only, so no attention row is empty) and is never learned."""
+    length = max(len(e["input_ids"]) for e in examples)
+
+    def padded(key: str, fill: int) -> torch.Tensor:
+        out = torch.full((len(examples), length), fill, dtype=torch.long)
+        for row, example in enumerate(examples):
+            out[row, :len(example[key])] = torch.tensor(example[key])
+        return out
+
     return {"pixels": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
             "regions": torch.stack([e["regions"] for e in examples], dim=1),  # 3, B, 576
-            "scene": torch.tensor([i for i, _, _ in rows]), "input_ids": input_ids, "labels": labels,
-            "attention_mask": mask}
+            "input_ids": padded("input_ids", pad_id), "labels": padded("labels", -100),
+            "branch": padded("branch", -1), "position_ids": padded("position_ids", 0)}
 
 
 # -- training -----------------------------------------------------------------------------------------
 class RegionHead(torch.nn.Module):
-    """What lies under each visual token, read from the projector's output (training only)."""
+    """What lies under each visual token (colour, shape, word) and where the token is (row,
+    column), read from the projector's output (training only). Position questions ask for a
+    quadrant; with 1-D RoPE in the language model, where a token is must travel in its content."""
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.sizes = [len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(WORD_IDS) + 1]
+        self.sizes = [len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(WORD_IDS) + 1, GRID, GRID]
         self.linear = torch.nn.Linear(hidden, sum(self.sizes))
         self.register_buffer("word_weight", torch.tensor([BACKGROUND_WORD_WEIGHT] + [1.0] * len(WORD_IDS)))
+        self.register_buffer("rows", torch.arange(GRID).repeat_interleave(GRID))
+        self.register_buffer("columns", torch.arange(GRID).repeat(GRID))
 
-    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, 576, H), targets (3, B, 576) -> (loss, word accuracy on labelled tokens)."""
-        colour, shape, word = self.linear(features.float()).flatten(0, 1).split(self.sizes, dim=-1)
+        colour, shape, word, row, column = self.linear(features.float()).flatten(0, 1).split(self.sizes, dim=-1)
         targets = targets.flatten(1)
         ce = torch.nn.functional.cross_entropy
-        loss = (ce(colour, targets[0]) + ce(shape, targets[1]) + ce(word, targets[2], weight=self.word_weight)) / 3
+        scenes_in_batch = features.shape[0]
+        loss = (ce(colour, targets[0]) + ce(shape, targets[1]) + ce(word, targets[2], weight=self.word_weight)
+                + ce(row, self.rows.repeat(scenes_in_batch)) + ce(column, self.columns.repeat(scenes_in_batch))) / 5
         labelled = targets[2] > 0
         words = (word.argmax(-1)[labelled] == targets[2][labelled]).float().mean() if labelled.any() else loss * 0
-        return loss, float(words)
+        return loss, words.detach()
 
 
-def losses_of(model, pixels: torch.Tensor, batch: dict, padding_mask: bool = False):
-    """-> (answer cross-entropy, visual features (B, 576, H)). Sequences are right-padded, so
-    causal attention alone already keeps every real token from the padding after it: no mask
-    is passed unless `padding_mask` (the reference the test compares with), and SDPA can pick
-    its flash kernel."""
+def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
     features = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
                                               vision_feature_select_strategy="default")
-    features = torch.stack(list(getattr(features, "pooler_output", features)))  # B, 576, H
+    return torch.stack(list(getattr(features, "pooler_output", features)))  # B, 576, H
+
+
+def answer_logits(model, features: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The language model's logits at the tokens before each learned one, (n_learned, vocab):
+    packed scenes under the tree mask (benchmarks.probe_data.tree_attention_mask), each branch
+    at its lone question's positions."""
     language = model.model.language_model
     embeds = language.embed_tokens(batch["input_ids"])
     visual = (batch["input_ids"] == model.config.image_token_id)[..., None]
-    embeds = embeds.masked_scatter(visual, features[batch["scene"]].to(embeds.dtype))
-    mask = batch["attention_mask"] if padding_mask else None
-    hidden = language(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    answer = batch["labels"][:, 1:] != -100
-    logits = model.lm_head(hidden[:, :-1][answer])
-    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 1:][answer]), features
+    embeds = embeds.masked_scatter(visual, features.to(embeds.dtype))
+    hidden = language(inputs_embeds=embeds, attention_mask=tree_attention_mask(batch["branch"]),
+                      position_ids=batch["position_ids"]).last_hidden_state
+    return model.lm_head(hidden[:, :-1][batch["labels"][:, 1:] != -100])
+
+
+def losses_of(model, pixels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (answer cross-entropy over every learned token, visual features (B, 576, H))."""
+    features = image_features(model, pixels)
+    logits = answer_logits(model, features, batch)
+    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+    return torch.nn.functional.cross_entropy(logits.float(), targets), features
 
 
 def train(args) -> None:
@@ -252,31 +300,42 @@ def train(args) -> None:
     inner = model.base_model.model  # the LlavaForConditionalGeneration under peft
     inner.config.vision_config._attn_implementation = "sdpa"
     head = RegionHead(inner.config.text_config.hidden_size).to(device)
-    pad = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    loader = DataLoader(SceneQuestions(tokenizer, args.seed, args.questions), batch_size=args.scenes,
-                        num_workers=args.workers, collate_fn=lambda e: collate(e, pad),
-                        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
-                        pin_memory=device.type == "cuda")
-    mean = torch.tensor(CLIP_MEAN, device=device)[:, None, None]
-    std = torch.tensor(CLIP_STD, device=device)[:, None, None]
     new = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n] + list(head.parameters())
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     optimizer = torch.optim.AdamW([{"params": new, "lr": args.lr}, {"params": lora, "lr": args.lora_lr}],
                                   weight_decay=0.01, betas=(0.9, 0.98), fused=device.type == "cuda")
+    run = {"step": 0, "train_seconds": 0.0, "waited": 0.0, "loss_curve": [], "commands": []}
+    if args.state and args.state.exists():  # resume: the schedule goes on from where the last slice stopped
+        saved = torch.load(args.state, map_location=device, weights_only=False)
+        model.load_state_dict(saved["trained"], strict=False)
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        run = saved["run"]
+        print(f"resumed at step {run['step']}, {run['train_seconds']:.0f}s trained", flush=True)
+    run["commands"].append(" ".join(["python -m benchmarks.probe_v3", *sys.argv[1:]]))
+    pad = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    loader = DataLoader(SceneQuestions(tokenizer, args.seed, args.questions, start_step=run["step"]),
+                        batch_size=args.scenes, num_workers=args.workers, collate_fn=lambda e: collate(e, pad),
+                        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
+                        pin_memory=device.type == "cuda")
+    mean = torch.tensor(CLIP_MEAN, device=device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=device)[:, None, None]
     base_lrs = [args.lr, args.lora_lr]
     print(f"trainable {sum(p.numel() for p in new + lora) / 1e6:.1f}M of "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}", flush=True)
-    budget, warmup, step, curve, losses, waited = args.minutes * 60, 100, 0, [], [], 0.0
-    train_started = time.perf_counter()
+    budget, warmup, losses = args.minutes * 60, 100, []
+    slice_end = run["train_seconds"] + (args.stop_after * 60 if args.stop_after else budget)
+    slice_started, trained_before, step = time.perf_counter(), run["train_seconds"], run["step"]
     batches = iter(loader)
     model.train()
     profiler = None
-    while (elapsed := time.perf_counter() - train_started) < budget:
-        if args.profile and step in (20, 30):
+    while (elapsed := trained_before + time.perf_counter() - slice_started) < min(budget, slice_end):
+        if args.profile and step - run["step"] in (20, 30):
             profiler = _profile(profiler, device)
         wait = time.perf_counter()
         batch = next(batches)
-        waited += time.perf_counter() - wait
+        run["waited"] += time.perf_counter() - wait
+        # linear warm-up, then cosine over the time budget (steps are not known in advance)
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * max(scale, 0.02)
@@ -289,24 +348,33 @@ def train(args) -> None:
         (answer_loss + REGION_LOSS_WEIGHT * region_loss).backward()
         torch.nn.utils.clip_grad_norm_(new + lora, 1.0)
         optimizer.step()
-        losses.append((answer_loss.item(), region_loss.item(), words))
+        losses.append(torch.stack([answer_loss.detach(), region_loss.detach(), words]))  # no sync per step
         step += 1
         if step % args.log_every == 0:
-            a, r, w = (sum(x) / len(x) for x in zip(*losses))
+            a, r, w = torch.stack(losses).mean(0).tolist()
             losses.clear()
-            curve.append({"step": step, "seconds": round(elapsed, 1), "answer_loss": round(a, 4),
-                          "region_loss": round(r, 4), "word_accuracy": round(w, 3)})
+            run["loss_curve"].append({"step": step, "seconds": round(elapsed, 1), "answer_loss": round(a, 4),
+                                      "region_loss": round(r, 4), "word_accuracy": round(w, 3)})
+            rate = (step - run["step"]) / (time.perf_counter() - slice_started)
             print(f"step {step:5d} {elapsed:5.0f}s answer {a:.4f} regions {r:.4f} words {w:.2f} "
-                  f"{step / elapsed:.2f} steps/s, waiting for data {waited / elapsed:.0%}", flush=True)
+                  f"{rate:.2f} steps/s, waiting for data {run['waited'] / elapsed:.0%}", flush=True)
+    run.update(step=step, train_seconds=elapsed)
+    if elapsed < budget:  # a slice of a longer run: keep everything the next slice needs
+        trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        args.state.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"trained": trained, "head": head.state_dict(), "optimizer": optimizer.state_dict(), "run": run},
+                   args.state)
+        print(f"stopped at step {step} after {elapsed:.0f}s of {budget:.0f}s; state in {args.state}", flush=True)
+        return
     args.parts.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.parts, safe_serialization=True, save_embedding_layers=False)
+    (args.parts / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     _to_bf16(args.parts)
     (args.parts / "training.json").write_text(json.dumps({
-        "command": " ".join(["python -m benchmarks.probe_v3", *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "steps": step,
-        "scenes_per_step": args.scenes, "questions_per_scene": args.questions,
-        "train_seconds": round(time.perf_counter() - train_started, 1),
-        "seconds": round(time.perf_counter() - started, 1), "loss_curve": curve}, indent=2))
+        "commands": run["commands"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "steps": step, "scenes_per_step": args.scenes, "questions_per_scene": args.questions,
+        "train_seconds": round(elapsed, 1), "data_wait_fraction": round(run["waited"] / max(elapsed, 1e-9), 3),
+        "seconds_this_slice": round(time.perf_counter() - started, 1), "loss_curve": run["loss_curve"]}, indent=2))
     print(f"parts: {sorted(p.name for p in args.parts.iterdir())}", flush=True)
 
 
@@ -379,13 +447,16 @@ def main() -> None:
     fit.add_argument("--parts", type=Path, required=True)
     fit.add_argument("--minutes", type=float, default=9.0)
     fit.add_argument("--scenes", type=int, default=32, help="scenes per step (each with --questions questions)")
-    fit.add_argument("--questions", type=int, default=4)
+    fit.add_argument("--questions", type=int, default=10, help="at most this many questions of a scene (all: ~10)")
     fit.add_argument("--lr", type=float, default=1e-3, help="tower, projector and read-out head")
     fit.add_argument("--lora-lr", type=float, default=4e-4)
     fit.add_argument("--workers", type=int, default=14)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--log-every", type=int, default=100)
     fit.add_argument("--profile", action="store_true", help="print a torch.profiler table of steps 20-29")
+    fit.add_argument("--state", type=Path, help="resumable training state: read if it exists, written by a slice")
+    fit.add_argument("--stop-after", type=float, help="train this many minutes of the --minutes budget, then save "
+                     "--state and stop (a later call with the same arguments resumes; for machines lent in slices)")
     score = commands.add_parser("accuracy", help="accuracy per configuration on fresh scenes")
     score.add_argument("--model", type=Path, default=CACHE / "probe-v3")
     score.add_argument("--seed", type=int, default=11)
@@ -397,6 +468,8 @@ def main() -> None:
     if args.command == "assemble":
         print(assemble(args.out, args.parts))
     elif args.command == "train":
+        if args.stop_after and not args.state:
+            parser.error("--stop-after needs --state (where the next slice resumes from)")
         train(args)
     else:
         accuracy(args)

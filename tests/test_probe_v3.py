@@ -1,5 +1,5 @@
-"""Probe v3's training pieces on CPU: the examples as the engine's processor builds them, the
-batch layout, and the unmasked right-padded loss against the masked reference."""
+"""Probe v3's training pieces on CPU: each question's tokens as the engine's processor builds
+them, the packed scene layout, and the packed (tree-masked) forward against each question alone."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from benchmarks import probe_v3
+from benchmarks import probe_v3, scenes
+from sparsevlm.adapters.llava import LlavaFrameProcessor
 from sparsevlm.tiny import build_tokenizer
 
 
@@ -21,32 +22,52 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer):
-    examples = list(itertools.islice(iter(probe_v3.SceneQuestions(tokenizer, seed=3, questions=3)), 2))
+def stream(tokenizer):
+    return probe_v3.SceneQuestions(tokenizer, seed=3, questions=4)
+
+
+@pytest.fixture(scope="module")
+def batch(stream, tokenizer):
+    examples = list(itertools.islice(iter(stream), 3))
     return examples, probe_v3.collate(examples, pad_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
 
 
-def test_examples_hold_576_visual_tokens_and_their_answers(tokenizer, batch):
+def test_each_question_alone_is_what_the_engines_processor_builds(tmp_path, tokenizer, stream):
+    probe_v3.write_processor_files(tmp_path, tokenizer)
+    processor = LlavaFrameProcessor.from_pretrained(tmp_path)
+    asked = scenes.scene_questions(__import__("random").Random(5))[:4]
+    example = stream.encode(asked)
+    for sample, (ids, labels) in zip(asked, probe_v3.lone_sequences(example)):
+        content = [{"type": "image"}, {"type": "text", "text": sample.question + scenes.PROMPT_SUFFIX}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}])
+        engine = processor(text=[prompt], images=[sample.media], return_frames=True)
+        answer = tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)
+        assert ids == engine["input_ids"][0].tolist() + answer
+        assert [t for t in labels if t != -100] == answer
+        assert torch.equal(engine["image_frames"][0][0].permute(2, 0, 1), torch.from_numpy(example["pixels"]))
+
+
+def test_a_packed_scene_holds_576_visual_tokens_once_and_every_answer(tokenizer, batch):
     examples, collated = batch
     image = tokenizer.convert_tokens_to_ids(probe_v3.IMAGE_TOKEN)
-    assert collated["pixels"].shape == (2, 3, 336, 336) and collated["pixels"].dtype == torch.uint8
-    assert collated["regions"].shape == (3, 2, 576)
-    rows = [(i, p, a) for i, e in enumerate(examples) for p, a in e["sequences"]]
-    assert collated["scene"].tolist() == [i for i, _, _ in rows]
-    for row, (_, prompt, answer) in enumerate(rows):
+    assert collated["pixels"].shape == (3, 3, 336, 336) and collated["pixels"].dtype == torch.uint8
+    assert collated["regions"].shape == (3, 3, 576)
+    for row, example in enumerate(examples):
         assert (collated["input_ids"][row] == image).sum() == 576
-        labelled = collated["labels"][row] != -100
-        assert collated["labels"][row][labelled].tolist() == answer
-        assert int(labelled.nonzero()[0]) == len(prompt)  # the answer follows the prompt
-        assert collated["attention_mask"][row].sum() == len(prompt) + len(answer)
-        assert tokenizer.decode(answer).endswith("<|im_end|>")
+        assert max(example["branch"]) > 1  # several questions share the image
+        learned = collated["labels"][row][collated["labels"][row] != -100].tolist()
+        assert learned == [t for _, labels in probe_v3.lone_sequences(example) for t in labels if t != -100]
+        for number in range(1, max(example["branch"]) + 1):  # each branch starts right after the prefix
+            at = collated["branch"][row] == number
+            prefix = int((collated["branch"][row] == 0).sum())
+            assert collated["position_ids"][row][at].tolist() == list(range(prefix, prefix + int(at.sum())))
+    assert (collated["branch"] == -1).any(), "the batch should hold padding"
 
 
-def test_the_unmasked_right_padded_loss_equals_the_masked_one(tokenizer, batch):
+def test_packed_logits_equal_each_question_alone(tokenizer, batch):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    _, collated = batch
-    assert (collated["attention_mask"] == 0).any(), "the batch should hold padding"
+    examples, collated = batch
     text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=len(tokenizer))
     vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -55,9 +76,14 @@ def test_the_unmasked_right_padded_loss_equals_the_masked_one(tokenizer, batch):
                          image_token_id=tokenizer.convert_tokens_to_ids(probe_v3.IMAGE_TOKEN))
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
-    pixels = collated["pixels"].float() / 255
+    pixels = torch.rand(collated["pixels"].shape)  # fresh features: nothing hides a mixed-up row
     with torch.no_grad():
-        unmasked, features = probe_v3.losses_of(model, pixels, collated)
-        masked, _ = probe_v3.losses_of(model, pixels, collated, padding_mask=True)
-    assert features.shape == (2, 576, 64)
-    torch.testing.assert_close(unmasked, masked, rtol=1e-5, atol=1e-5)
+        features = probe_v3.image_features(model, pixels)
+        packed = probe_v3.answer_logits(model, features, collated)
+        alone = []  # the reference: transformers' own LLaVA forward on each question alone
+        for row, example in enumerate(examples):
+            for ids, labels in probe_v3.lone_sequences(example):
+                logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels[row:row + 1]).logits[0, :-1]
+                alone.append(logits[torch.tensor(labels[1:]) != -100])
+    assert features.shape == (3, 576, 64)
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-4, atol=1e-4)  # fp32, other summation orders
