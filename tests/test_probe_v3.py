@@ -12,6 +12,10 @@ from benchmarks import probe_v3, scenes
 from sparsevlm.adapters.llava import LlavaFrameProcessor
 from sparsevlm.tiny import build_tokenizer
 
+# The committed probe answers 52 of these 60 scenes on CPU (0.867); issue 18's bar is 0.90,
+# which it misses (README, Accuracy). This floor fails if assembly or the engine loses 3 answers.
+PROBE_V3_FLOOR = 0.83
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -87,3 +91,22 @@ def test_packed_logits_equal_each_question_alone(tokenizer, batch):
                 alone.append(logits[torch.tensor(labels[1:]) != -100])
     assert features.shape == (3, 576, 64)
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-4, atol=1e-4)  # fp32, other summation orders
+
+
+@pytest.mark.slow
+def test_the_assembled_probe_answers_fresh_scenes(tmp_path):
+    """The committed parts plus the wheel's SmolLM2, assembled as a user assembles them, answer a
+    fixed subset of a seed they never trained on, on CPU in fp32 (H200 bf16 on 400 scenes of the
+    same seed: 0.877; benchmarks/results/h200_probe_v3_accuracy.json)."""
+    from benchmarks import accuracy
+    from sparsevlm import SparsityConfig, VLMEngine
+
+    assert (probe_v3.PARTS / "adapter_model.safetensors").stat().st_size <= 25 * 10**6
+    model = probe_v3.assemble(tmp_path / "probe-v3")
+    engine = VLMEngine.from_pretrained(str(model), dtype=torch.float32, device="cpu")
+    assert engine.adapter.num_layers == 30
+    result = accuracy.run(engine, seed=11, n=60, sparsity=SparsityConfig(method="none"), qtypes=scenes.IMAGE_TYPES,
+                          batch_size=20)
+    print(result)
+    assert result["n"] == 60 and set(result["by_type"]) == set(scenes.IMAGE_TYPES)
+    assert result["accuracy"] >= PROBE_V3_FLOOR, result
