@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from sparsevlm import EngineConfig, SamplingParams, VLMEngine
 
@@ -69,11 +70,26 @@ def test_visual_token_counts(engine, cases):
             expected = sum(int(g.prod(-1).sum()) for g in grids) // vision.spatial_merge_size ** 2
         elif engine.model.config.model_type == "llava":  # a token per patch of the tower's square input
             expected = len(sample.get("pixel_values", ())) * (vision.image_size // vision.patch_size) ** 2
-        else:  # OneVision: tiles, newlines and pooling; the processor's placeholders, every one counted
-            config = engine.model.config
-            ids = sample["input_ids"]
-            expected = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
+        else:  # OneVision: tiles, unpadding, newlines and pooling, as the model's own feature code counts them
+            expected = onevision_feature_rows(engine.model, sample)
         assert result.stats.n_visual_tokens == expected
+
+
+def onevision_feature_rows(model, sample: dict) -> int:
+    """Rows of visual features transformers' LLaVA-OneVision makes of a sample (its own forward path)."""
+    config, inner, rows = model.config, model.model, 0
+    select = dict(vision_feature_layer=config.vision_feature_layer,
+                  vision_feature_select_strategy=config.vision_feature_select_strategy)
+    with torch.no_grad():
+        if "pixel_values" in sample:
+            out = inner.get_image_features(pixel_values=sample["pixel_values"], image_sizes=sample["image_sizes"],
+                                           vision_aspect_ratio=config.vision_aspect_ratio,
+                                           batch_num_images=sample.get("batch_num_images"), **select)
+            rows += sum(len(f) for f in getattr(out, "pooler_output", out))
+        if "pixel_values_videos" in sample:
+            out = inner.get_video_features(pixel_values_videos=sample["pixel_values_videos"], **select)
+            rows += getattr(out, "pooler_output", out).flatten(0, 1).shape[0]
+    return rows
 
 
 def test_stop_token_ends_generation(engine, cases):
