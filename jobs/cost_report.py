@@ -29,7 +29,7 @@ from pipeline.cost.configs import DEFAULT_CONFIGS, overrides_for  # noqa: E402
 from pipeline.cost.render import to_html, to_markdown  # noqa: E402
 from pipeline.cost.report import Context, Run, blocks, compute, summary_table  # noqa: E402
 from pipeline.cost.runs import run_configurations  # noqa: E402
-from pipeline.model_source import REPO, TINY_MODEL, takes_pixel_bounds  # noqa: E402
+from pipeline.model_source import REPO, TINY_MODEL  # noqa: E402
 from schemas import ConfigError, JobConfig  # noqa: E402
 
 # The report's offline default: the photo samples and the random-weight tiny model, seven Ray runs
@@ -56,8 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="rows per engine call (default: the job's, 64)")
     p.add_argument("--gpu-actors", type=int, help="engines, one GPU each (default: all GPUs)")
     p.add_argument("--cpu-actors", type=int, help="decode/preprocess actors (default: the job's, 2)")
-    p.add_argument("--configs", help=f"comma-separated (default: {','.join(DEFAULT_CONFIGS)}; dense-lowres only "
-                   "for models whose processor takes media.max_pixels, the Qwen-VL families)")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated (default: %(default)s)")
     p.add_argument("--lowres-max-pixels", type=int,
                    help="pixels per image or frame of dense-lowres (default: a quarter of the dense run's)")
     p.add_argument("--baseline", default="dense", help="the run others are compared with (default: dense)")
@@ -100,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.from_runs:  # finished runs come from inputs only --input or --config names
             base["input"] = {"uri": str(PHOTO_SAMPLES[args.kind])}
         job = JobConfig.load(args.config, common, base=base)
-        names = [n.strip() for n in (args.configs or ",".join(DEFAULT_CONFIGS)).split(",") if n.strip()]
-        if args.configs is None and not args.from_runs and not takes_pixel_bounds(job.model.path, args.kind):
-            names.remove("dense-lowres")  # its processor sets the input size: fewer pixels, the same tokens
-            print("dense-lowres left out: this model's processor ignores media.max_pixels", flush=True)
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
         for name in names:
             overrides_for(name, args.lowres_max_pixels)  # a typo fails before anything runs
         if args.from_runs:

@@ -66,27 +66,3 @@ def check_model(path: str | None, kind: str) -> str:
     adapter = adapter_class_for(config.model_type)
     check_media_kind(config.model_type, adapter, kind)
     return config.model_type
-
-
-def _token_side(path: str | None, kind: str) -> tuple[str, int | None]:
-    from transformers import AutoConfig
-
-    from sparsevlm.adapters import adapter_class_for
-
-    model_type = check_model(path, kind)
-    return model_type, adapter_class_for(model_type).pixels_per_token_side(AutoConfig.from_pretrained(resolve_model(path)))
-
-
-def takes_pixel_bounds(path: str | None, kind: str) -> bool:
-    """Whether media.min_pixels / max_pixels change how many visual tokens this model's inputs get."""
-    return _token_side(path, kind)[1] is not None
-
-
-def pixels_per_token_side(path: str | None, kind: str) -> int:
-    """How many pixels a side of one visual token covers when media.max_pixels resizes the
-    input; a clear error for a family whose processor ignores the pixel bounds."""
-    model_type, side = _token_side(path, kind)
-    if side is None:
-        raise ValueError(f"{model_type} sets its own input size and ignores media.max_pixels, so a lower resolution "
-                         "does not lower its tokens: leave dense-lowres out of --configs")
-    return side

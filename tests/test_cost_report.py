@@ -32,23 +32,7 @@ def test_lowres_is_sized_from_the_dense_run():
                                                                                frames_sampled=0),
             empty_row("v", n_visual_tokens=2048, frames_sampled=16), empty_row("x", error="decode: bad")]
     table = pa.Table.from_pylist(rows, schema=output_schema())
-    assert quarter_resolution_pixels(table, 28) == 256 * 28 * 28  # video: 8 frame pairs of 256 tokens
-    assert quarter_resolution_pixels(table, 32) == 256 * 32 * 32
-
-
-@pytest.mark.parametrize("family, side", [("qwen2_5_vl", 28), ("qwen3_vl", 32), ("llava", None),
-                                          ("llava_onevision", None)])
-def test_lowres_follows_the_models_token_cell_or_is_refused(family, side, tiny_checkpoints, tmp_path):
-    from pipeline.cost.runs import run_configurations
-    from pipeline.model_source import pixels_per_token_side
-
-    path = tiny_checkpoints[family]
-    if side is not None:
-        assert pixels_per_token_side(path, "image") == side
-        return
-    with pytest.raises(ValueError, match="ignores media.max_pixels"):  # before any run starts
-        run_configurations(["dense", "dense-lowres"], "image", {"model.path": path}, None, {}, tmp_path / "runs", None)
-    assert not (tmp_path / "runs").exists()
+    assert quarter_resolution_pixels(table) == 256 * 28 * 28  # video: 8 frame pairs of 256 tokens
 
 
 def test_answers_are_compared_normalized():

@@ -34,12 +34,11 @@ def overrides_for(name: str, lowres_max_pixels: int | None = None) -> dict:
     return {f"sparsity.{field}": value for field, value in fields.items()}
 
 
-def quarter_resolution_pixels(dense: pa.Table, factor: int) -> int:
+def quarter_resolution_pixels(dense: pa.Table, factor: int = 28) -> int:
     """max_pixels giving a quarter of a dense run's median visual tokens (half the side).
 
-    One visual token covers factor x factor pixels (patch x merge: 28 for Qwen2/2.5-VL, 32 for
-    Qwen3-VL; `pipeline.model_source.pixels_per_token_side`) of an image, or of each pair of
-    video frames (temporal patch 2). On 896x896 images: 1024 -> 256 tokens,
+    One visual token covers factor x factor pixels (patch 14 x merge 2 for Qwen-VL) of an image,
+    or of each pair of video frames (temporal patch 2). On 896x896 images: 1024 -> 256 tokens,
     close to what sparsevlm-128 keeps layer-averaged (~230), so the row shows the matched-budget
     alternative to pruning: fewer pixels.
     """

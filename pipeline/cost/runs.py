@@ -7,7 +7,6 @@ from pathlib import Path
 
 from schemas import JobConfig
 
-from ..model_source import pixels_per_token_side
 from ..run import run_job
 from .configs import overrides_for, quarter_resolution_pixels
 from .report import Run
@@ -17,11 +16,8 @@ def run_configurations(names: list[str], kind: str, common: dict, config_file: s
                        folder: Path, lowres_max_pixels: int | None) -> list[Run]:
     """One pipeline run per configuration into folder/<name>; `common` overrides apply to all of them.
 
-    dense-lowres without `lowres_max_pixels` is sized from the dense run, which must come first;
-    a model family that ignores pixel bounds cannot run it (refused before anything runs).
+    dense-lowres without `lowres_max_pixels` is sized from the dense run, which must come first.
     """
-    if "dense-lowres" in names:
-        token_side = pixels_per_token_side(JobConfig.load(config_file, common, base=base).model.path, kind)
     runs = []
     for i, name in enumerate(names, 1):
         output = folder / name
@@ -32,7 +28,7 @@ def run_configurations(names: list[str], kind: str, common: dict, config_file: s
             dense = next((run for run in runs if run.name == "dense"), None)
             if dense is None:
                 raise ValueError("dense-lowres needs --lowres-max-pixels or a dense run before it")
-            lowres_max_pixels = quarter_resolution_pixels(dense.table, token_side)
+            lowres_max_pixels = quarter_resolution_pixels(dense.table)
         changes = overrides_for(name, lowres_max_pixels)
         config = JobConfig.load(config_file, {**common, **changes, "output.uri": str(output),
                                               "resources.warmup": True}, base=base)

@@ -101,13 +101,6 @@ class ModelAdapter:
         raise NotImplementedError
 
     @classmethod
-    def pixels_per_token_side(cls, config) -> int | None:
-        """The side, in pixels, of the square one visual token covers where media.min_pixels /
-        max_pixels set the input size (so fewer pixels mean fewer tokens); None where the
-        family's processor ignores those bounds (a fixed crop, a tile grid)."""
-        return None
-
-    @classmethod
     def first_token_grid(cls, processor, frame, kind: str) -> tuple:
         """Where the first visual tokens of an image (a video's first frame group) sit:
         (the frame as the tower sees it, uint8 (H, W, 3); rows; columns); token k covers cell

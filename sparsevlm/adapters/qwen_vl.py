@@ -164,11 +164,6 @@ class QwenVLAdapter(ModelAdapter):
         return QwenVLPreparer(config)
 
     @classmethod
-    def pixels_per_token_side(cls, config) -> int:
-        vision = config.vision_config  # 28 for Qwen2/2.5-VL, 32 for Qwen3-VL
-        return vision.patch_size * vision.spatial_merge_size
-
-    @classmethod
     def first_token_grid(cls, processor, frame, kind: str) -> tuple:
         cfg = processor.image_cfg if kind == "image" else processor.video_cfg  # a token per merged 28x28 cell
         resized = resized_image(frame, cfg)[0]
