@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import decode_attention, decode_attention_reference
+from kernels.window_attention import MAX_WINDOW
 
 from .kv_cache import KVPool
 
@@ -62,11 +63,13 @@ class ForwardContext:
 
 
 class AttentionBackend:
-    """Prefill: flash-attn varlen, torch varlen (CUDA) or SDPA per sample. Decode: Triton on CUDA, torch on CPU."""
+    """Prefill: flash-attn varlen, torch varlen (CUDA) or SDPA per sample. Decode: Triton on CUDA, torch on CPU.
+    Vision windows (segments of <= 64 tokens): our Triton window kernel on CUDA when `window_kernel`."""
 
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, window_kernel: bool = True):
         self.name = name
         self.device = device
+        self.window_kernel = window_kernel and device.type == "cuda"
         if name == "flash_attn":
             from flash_attn import flash_attn_varlen_func
 
@@ -80,24 +83,26 @@ class AttentionBackend:
             self._varlen_causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
 
     @classmethod
-    def choose(cls, device: torch.device, requested: str = "auto") -> "AttentionBackend":
+    def choose(cls, device: torch.device, requested: str = "auto", window_kernel: bool = True) -> "AttentionBackend":
         if requested != "auto":
             if requested not in ("flash_attn", "torch_varlen", "sdpa"):
                 raise ValueError(f"unknown attention backend {requested!r}; use auto, flash_attn, torch_varlen or sdpa")
             if requested != "sdpa" and device.type != "cuda":
                 raise ValueError(f"attention backend {requested!r} needs a CUDA device, got {device}")
-            backend = cls(requested, device)
+            backend = cls(requested, device, window_kernel)
             reason = "requested"
         elif device.type != "cuda":
-            backend, reason = cls("sdpa", device), "not on CUDA"
+            backend, reason = cls("sdpa", device, window_kernel), "not on CUDA"
         else:
             try:
-                backend, reason = cls("flash_attn", device), "flash-attn is installed"
+                backend, reason = cls("flash_attn", device, window_kernel), "flash-attn is installed"
             except ImportError:
                 try:
-                    backend, reason = cls("torch_varlen", device), "flash-attn not installed; torch varlen_attn present"
+                    backend, reason = (cls("torch_varlen", device, window_kernel),
+                                       "flash-attn not installed; torch varlen_attn present")
                 except ImportError:
-                    backend, reason = cls("sdpa", device), "neither flash-attn nor torch varlen_attn available"
+                    backend, reason = (cls("sdpa", device, window_kernel),
+                                       "neither flash-attn nor torch varlen_attn available")
         logger.info("attention backend: %s (%s)", backend.name, reason)
         return backend
 
@@ -122,6 +127,14 @@ class AttentionBackend:
         if cu_seqlens_list is None:
             cu_seqlens_list = cu_seqlens.tolist()
         return prefill_attention_reference(q, k, v, cu_seqlens_list, scale, causal=causal)
+
+    def windows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int, scale: float) -> torch.Tensor:
+        """Bidirectional attention within each segment (a vision tower's blocks): the window
+        kernel where every segment fits its tile, else the varlen path."""
+        if self.window_kernel and max_seqlen <= MAX_WINDOW:
+            return torch.ops.sparsevlm.window_attention(q, k, v, cu_seqlens, scale)
+        return self.varlen(q, k, v, cu_seqlens, None, max_seqlen, scale, causal=False)
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, starts: torch.Tensor,
                lengths: torch.Tensor, scale: float) -> torch.Tensor:
@@ -172,7 +185,7 @@ def vision_varlen_attention(module, query, key, value, attention_mask, scaling=N
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     cu_seqlens = cu_seq_lens_q.to(torch.int32)
-    out = sparsevlm_backend.varlen(q, k, v, cu_seqlens, None, int(max_length_q), scale, causal=False)
+    out = sparsevlm_backend.windows(q, k, v, cu_seqlens, int(max_length_q), scale)
     return out[None], None
 
 

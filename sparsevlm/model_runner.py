@@ -54,11 +54,13 @@ class ModelRunner:
         self.config = config
         self.device = adapter.lm_head.weight.device
         self.dtype = adapter.lm_head.weight.dtype
-        self.backend = AttentionBackend.choose(self.device, config.attention_backend)
+        self.backend = AttentionBackend.choose(self.device, config.attention_backend, window_kernel=config.fused_vision)
         self.clock = _Clock(self.device)
         route_text_attention(adapter.text_config)
         if config.compile_vision and self.device.type == "cuda":
             adapter.compile_vision()
+        if config.fused_vision and self.device.type == "cuda":
+            adapter.fuse_vision()
         self.pool = KVPool(self._pool_slots(), adapter.num_kv_heads, adapter.head_dim, self.dtype, self.device)
         self.decode_inputs = DecodeInputs(adapter.num_layers)
         self._members: tuple[int, ...] = ()  # request ids of the last decode batch, and its static columns

@@ -11,7 +11,7 @@ from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_onevision"])
 def gpu_engine(request, tiny_checkpoints):
     return VLMEngine.from_pretrained(tiny_checkpoints[request.param], dtype=torch.bfloat16, device="cuda")
 

@@ -83,7 +83,11 @@ def test_equals_transformers_processor_with_torchvision(onevision, tiny_checkpoi
     reference = reference_processor(text=[prompt], images=images, videos=[video], return_tensors="pt")
     assert torch.equal(ours["input_ids"], reference["input_ids"])
     assert torch.equal(ours["image_sizes"], reference["image_sizes"])
-    torch.testing.assert_close(ours["pixel_values"], reference["pixel_values"])  # PIL on both: same values
+    # transformers' full processor resizes through torchvision, ours through PIL: the same tiles, up to
+    # one 8-bit level in a few pixels (seen on the GPU machine: 0.4% of values, one level each)
+    levels = (ours["pixel_values"] - reference["pixel_values"]).abs() * 0.5 * 255
+    assert levels.max() < 1.01 and (levels > 0.01).float().mean() < 0.01, (levels.max().item(),
+                                                                            (levels > 0.01).float().mean().item())
     diff = (ours["pixel_values_videos"] - reference["pixel_values_videos"]).abs() * 0.5 * 255
     assert diff.mean() < 1.0 and diff.max() < 16, (diff.mean().item(), diff.max().item())
 

@@ -205,6 +205,9 @@ class ModelAdapter:
     def compile_vision(self) -> None:
         """Optionally torch.compile the vision tower for the engine's own calls."""
 
+    def fuse_vision(self) -> None:
+        """Optionally swap in the engine's fused vision modules for its own calls (CUDA)."""
+
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         """hidden (1, T, H), positions (P, T) -> what decoder layers take as `position_embeddings`."""
         raise NotImplementedError

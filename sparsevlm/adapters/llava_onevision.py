@@ -318,8 +318,8 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
             features.by_token_id[config.image_token_id] = torch.cat(list(getattr(output, "pooler_output", output)))
         videos = [v for s in samples if "video_frames" in s.visual_inputs for v in self.pixels(s, "video_frames")]
         if videos:
-            pooled = [self.inner.get_video_features(
-                pixel_values_videos=video[None].to(dtype), vision_feature_layer=config.vision_feature_layer,
+            pooled = [self.inner.get_video_features(  # positional: transformers 5.17 names it pixel_values
+                video[None].to(dtype), vision_feature_layer=config.vision_feature_layer,
                 vision_feature_select_strategy=config.vision_feature_select_strategy) for video in videos]
             features.by_token_id[config.video_token_id] = torch.cat(
                 [getattr(out, "pooler_output", out).flatten(0, 1) for out in pooled])

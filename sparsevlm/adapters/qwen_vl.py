@@ -140,6 +140,21 @@ class QwenVLPreparer:
         return [f.contiguous().pin_memory() if pin else f.contiguous() for f in frames]
 
 
+class PatchEmbedAsLinear(torch.nn.Module):
+    """Qwen-VL's Conv3d patch embedding, whose kernel equals its stride (one patch), as the one
+    GEMM it is: cuDNN runs the Conv3d through a generic implicit-GEMM kernel at a fraction of the
+    matrix rate. Shares the conv's weight; patches arrive flattened in the conv's (C, T, P, P) order."""
+
+    def __init__(self, patch_embed):
+        super().__init__()
+        self.proj = patch_embed.proj
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.flatten(1)  # (embed, C * T * P * P)
+        patches = hidden_states.reshape(-1, weight.shape[1]).to(weight.dtype)
+        return torch.nn.functional.linear(patches, weight, self.proj.bias)
+
+
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     media_kinds = QwenVLProcessor.media_kinds
@@ -154,6 +169,7 @@ class QwenVLAdapter(ModelAdapter):
         self.token_ids = self.preparer.token_ids
         self._pixel_configs: dict[str, tuple] = {}  # kind -> (preprocess config, device normalisation table)
         self._compiled_blocks: torch.nn.ModuleList | None = None
+        self._linear_patch_embed: PatchEmbedAsLinear | None = None
 
     @classmethod
     def load_processor(cls, path_or_id, config) -> QwenVLProcessor:
@@ -192,6 +208,10 @@ class QwenVLAdapter(ModelAdapter):
         model itself, and `model.generate`, stay as loaded."""
         self._compiled_blocks = torch.nn.ModuleList(torch.compile(block, dynamic=True) for block in self.visual.blocks)
 
+    def fuse_vision(self) -> None:
+        """The patch embedding as one GEMM inside `encode_visual` (the model keeps its Conv3d)."""
+        self._linear_patch_embed = PatchEmbedAsLinear(self.visual.patch_embed)
+
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         """One vision-tower call per kind over all images (videos) of the pack, varlen attention."""
         features = VisualFeatures()
@@ -226,15 +246,17 @@ class QwenVLAdapter(ModelAdapter):
 
     @contextlib.contextmanager
     def _vision_blocks(self):
-        if self._compiled_blocks is None:
-            yield
-            return
-        original = self.visual.blocks
-        self.visual.blocks = self._compiled_blocks
+        """The engine's own modules in the tower for one call: compiled blocks, the GEMM patch embedding."""
+        swaps = {name: module for name, module in (("blocks", self._compiled_blocks),
+                                                   ("patch_embed", self._linear_patch_embed)) if module is not None}
+        originals = {name: getattr(self.visual, name) for name in swaps}
+        for name, module in swaps.items():
+            setattr(self.visual, name, module)
         try:
             yield
         finally:
-            self.visual.blocks = original
+            for name, module in originals.items():
+                setattr(self.visual, name, module)
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         return self.rotary_emb(hidden, positions[:, None, :])
