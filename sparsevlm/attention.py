@@ -64,12 +64,13 @@ class ForwardContext:
 
 class AttentionBackend:
     """Prefill: flash-attn varlen, torch varlen (CUDA) or SDPA per sample. Decode: Triton on CUDA, torch on CPU.
-    Vision windows (segments of <= 64 tokens): our Triton window kernel on CUDA when `window_kernel`."""
+    Vision attention with `fused_vision` on CUDA: windows of <= 64 tokens through our Triton kernel,
+    equal-length segments (a pack of same-size images) as one batched cuDNN call."""
 
-    def __init__(self, name: str, device: torch.device, window_kernel: bool = True):
+    def __init__(self, name: str, device: torch.device, fused_vision: bool = True):
         self.name = name
         self.device = device
-        self.window_kernel = window_kernel and device.type == "cuda"
+        self.fused_vision = fused_vision and device.type == "cuda"
         if name == "flash_attn":
             from flash_attn import flash_attn_varlen_func
 
@@ -83,25 +84,25 @@ class AttentionBackend:
             self._varlen_causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
 
     @classmethod
-    def choose(cls, device: torch.device, requested: str = "auto", window_kernel: bool = True) -> "AttentionBackend":
+    def choose(cls, device: torch.device, requested: str = "auto", fused_vision: bool = True) -> "AttentionBackend":
         if requested != "auto":
             if requested not in ("flash_attn", "torch_varlen", "sdpa"):
                 raise ValueError(f"unknown attention backend {requested!r}; use auto, flash_attn, torch_varlen or sdpa")
             if requested != "sdpa" and device.type != "cuda":
                 raise ValueError(f"attention backend {requested!r} needs a CUDA device, got {device}")
-            backend = cls(requested, device, window_kernel)
+            backend = cls(requested, device, fused_vision)
             reason = "requested"
         elif device.type != "cuda":
-            backend, reason = cls("sdpa", device, window_kernel), "not on CUDA"
+            backend, reason = cls("sdpa", device, fused_vision), "not on CUDA"
         else:
             try:
-                backend, reason = cls("flash_attn", device, window_kernel), "flash-attn is installed"
+                backend, reason = cls("flash_attn", device, fused_vision), "flash-attn is installed"
             except ImportError:
                 try:
-                    backend, reason = (cls("torch_varlen", device, window_kernel),
+                    backend, reason = (cls("torch_varlen", device, fused_vision),
                                        "flash-attn not installed; torch varlen_attn present")
                 except ImportError:
-                    backend, reason = (cls("sdpa", device, window_kernel),
+                    backend, reason = (cls("sdpa", device, fused_vision),
                                        "neither flash-attn nor torch varlen_attn available")
         logger.info("attention backend: %s (%s)", backend.name, reason)
         return backend
@@ -128,12 +129,13 @@ class AttentionBackend:
             cu_seqlens_list = cu_seqlens.tolist()
         return prefill_attention_reference(q, k, v, cu_seqlens_list, scale, causal=causal)
 
-    def windows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int, scale: float) -> torch.Tensor:
-        """Bidirectional attention within each segment (a vision tower's blocks): the window
-        kernel where every segment fits its tile, else the varlen path."""
-        if self.window_kernel and max_seqlen <= MAX_WINDOW:
+    def vision(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               max_seqlen: int, scale: float) -> torch.Tensor:
+        """Bidirectional attention within each segment (a vision tower's windows or images)."""
+        if self.fused_vision and max_seqlen <= MAX_WINDOW:
             return torch.ops.sparsevlm.window_attention(q, k, v, cu_seqlens, scale)
+        if self.fused_vision and (cu_seqlens.numel() - 1) * max_seqlen == q.shape[0]:  # all of one length
+            return torch.ops.sparsevlm.equal_segments_attention(q, k, v, max_seqlen, scale)
         return self.varlen(q, k, v, cu_seqlens, None, max_seqlen, scale, causal=False)
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, starts: torch.Tensor,
@@ -152,6 +154,29 @@ def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale,
                                                         enable_gqa=True)[0].transpose(0, 1)
     return out
+
+
+@torch.library.custom_op("sparsevlm::equal_segments_attention", mutates_args=())
+def equal_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+                             scale: float) -> torch.Tensor:
+    """(T, H, D) packed as T / length segments of `length` tokens -> bidirectional attention within each,
+    as one batched SDPA: cuDNN's fused attention on CUDA (on the H200 ~1.5x FlashAttention-2 at the
+    vision towers' head dim of 80; benchmarks/vision_kernels.py), an opaque op inside compiled blocks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = q.shape[1], q.shape[2]
+    batched = [t.reshape(-1, length, heads, dim).transpose(1, 2) for t in (q, k, v)]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+            out = F.scaled_dot_product_attention(*batched, scale=scale)
+    else:  # fp32, or CPU: whatever SDPA has for it
+        out = F.scaled_dot_product_attention(*batched, scale=scale)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+@equal_segments_attention.register_fake
+def _(q, k, v, length, scale):
+    return torch.empty_like(q)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -185,7 +210,7 @@ def vision_varlen_attention(module, query, key, value, attention_mask, scaling=N
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     cu_seqlens = cu_seq_lens_q.to(torch.int32)
-    out = sparsevlm_backend.windows(q, k, v, cu_seqlens, int(max_length_q), scale)
+    out = sparsevlm_backend.vision(q, k, v, cu_seqlens, int(max_length_q), scale)
     return out[None], None
 
 

@@ -249,8 +249,9 @@ class EngineConfig:
     compile_vision: torch.compile the vision tower's blocks on CUDA (fuses its fp32 norms and
         rotary math; the first batch pays the compilation).
     fused_vision: on CUDA, the vision tower's window attention through our Triton kernel
-        (kernels/window_attention.py) and a Conv3d patch embedding as the one GEMM it is;
-        False runs transformers' modules as they are (the reference benchmarks compare with).
+        (kernels/window_attention.py), same-size images' full attention as one batched cuDNN
+        call, and a Conv3d patch embedding as the one GEMM it is; False runs transformers'
+        modules with FlashAttention varlen (the reference benchmarks compare with).
     """
 
     max_prefill_tokens: int = 32768

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels.window_attention import MAX_WINDOW, window_attention, window_attention_reference
-from sparsevlm import VLMEngine
+from sparsevlm import EngineConfig, VLMEngine
 from sparsevlm.adapters.qwen_vl import PatchEmbedAsLinear
 from sparsevlm.attention import AttentionBackend
 
@@ -45,18 +45,21 @@ def test_window_kernel_reads_strided_heads():
     assert (got - want).abs().max().item() <= TOLERANCE[q.dtype]
 
 
-def test_backend_routes_only_short_segments_to_the_kernel(monkeypatch):
-    backend = AttentionBackend("sdpa", torch.device("cpu"))
-    backend.window_kernel = True  # as on CUDA: the kernel runs here in the interpreter
+def test_backend_routes_vision_attention(monkeypatch):
+    """Windows to the kernel, equal-length segments to one batched SDPA, the rest to varlen."""
+    backend = AttentionBackend("sdpa", torch.device(DEVICE))
+    backend.fused_vision = True  # as on CUDA: on CPU the kernel runs in the interpreter
     varlen_calls = []
     original = AttentionBackend.varlen
     monkeypatch.setattr(AttentionBackend, "varlen", lambda self, *a, **kw: varlen_calls.append(a[5]) or
                         original(self, *a, **kw))
-    for lengths in ([MAX_WINDOW, 3], [MAX_WINDOW + 1, 3]):
-        q, k, v, cu = segments_case(lengths, 2, 16, torch.float32, seed=1)
-        got = backend.windows(q, k, v, cu, max(lengths), 0.25)
-        torch.testing.assert_close(got, window_attention_reference(q, k, v, cu, 0.25), atol=2e-5, rtol=2e-5)
-    assert varlen_calls == [MAX_WINDOW + 1]  # the segment that does not fit the tile went to varlen
+    dtype = torch.float32
+    for lengths in ([MAX_WINDOW, 3], [MAX_WINDOW + 1, 3], [70, 70, 70]):
+        q, k, v, cu = segments_case(lengths, 2, 16, dtype, seed=1)
+        got = backend.vision(q, k, v, cu, max(lengths), 0.25).float()
+        want = window_attention_reference(q.float(), k.float(), v.float(), cu, 0.25)
+        assert (got - want).abs().max().item() <= (2e-5 if DEVICE == "cpu" else 2e-3)  # cuDNN: TF32-class sums
+    assert varlen_calls == [MAX_WINDOW + 1]  # unequal and longer than a tile: the only varlen call
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -70,18 +73,20 @@ def test_fused_tower_equals_transformers_tower(family, tiny_checkpoints, monkeyp
     kernel = kernel_module.window_attention
     monkeypatch.setattr(kernel_module, "window_attention", lambda *a: kernel_calls.append(1) or kernel(*a))
 
-    engine = VLMEngine.from_pretrained(tiny_checkpoints[family], dtype=torch.float32, device="cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the reference Conv3d, on CUDA
+    engine = VLMEngine.from_pretrained(tiny_checkpoints[family], dtype=torch.float32, device=DEVICE,
+                                       engine_config=EngineConfig(compile_vision=False, cuda_graphs=False))
     adapter = engine.adapter
-    backend = AttentionBackend("sdpa", torch.device("cpu"))
-    backend.window_kernel = True
+    backend = AttentionBackend("sdpa", torch.device(DEVICE))
+    backend.fused_vision = True
     adapter.fuse_vision()
     samples = [s for s in mixed_samples(engine.processor, seed=2) if "image_grid_thw" in s]
     prepared = [engine.prepare(s, i) for i, s in enumerate(samples)]
     with torch.inference_mode():
         ours = adapter.encode_visual(prepared, backend).by_token_id[engine.model.config.image_token_id]
         output = engine.model.model.get_image_features(
-            pixel_values=torch.cat([s["pixel_values"] for s in samples]),
-            image_grid_thw=torch.cat([s["image_grid_thw"] for s in samples]))
+            pixel_values=torch.cat([s["pixel_values"] for s in samples]).to(DEVICE),
+            image_grid_thw=torch.cat([s["image_grid_thw"] for s in samples]).to(DEVICE))
     want = torch.cat(list(getattr(output, "pooler_output", output)))
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
     vision = engine.model.config.vision_config  # windowed blocks fit the tile; whole images here do not
