@@ -68,9 +68,8 @@ def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample], keep_
     pad_id = processor.video_token_id if first.kind == "video" else processor.image_token_id
     n_visual = grid[0] * grid[1] * grid[2] // cfg.merge_size ** 2
 
-    prefix_text, prefix = None, []
-    ids, labels, branch, positions = [], [], [], []
-    for number, sample in enumerate(samples, start=1):
+    prefix_text, prefix, branches = None, [], []
+    for sample in samples:
         content = [{"type": first.kind}, {"type": "text", "text": sample.question + scenes.PROMPT_SUFFIX}]
         prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         cut = prompt.index("<|vision_end|>") + len("<|vision_end|>")
@@ -79,19 +78,15 @@ def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample], keep_
             prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
             at = prefix.index(pad_id)  # the template's one pad token becomes one per visual token
             prefix[at:at + 1] = [pad_id] * n_visual
-            ids, labels, branch = list(prefix), [-100] * len(prefix), [0] * len(prefix)
         elif prompt[:cut] != prefix_text:
             raise AssertionError("questions on one scene must share the prompt up to the media")
-        question = tokenizer.encode(prompt[cut:], add_special_tokens=False)
-        answer = tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)
-        ids += question + answer
-        labels += [-100] * len(question) + answer
-        branch += [number] * (len(question) + len(answer))
-        if number == 1:  # every branch continues the prefix's positions from where its text stops
-            prefix_ids = torch.tensor(prefix)
-            positions.append(mrope_positions(_token_types(prefix_ids, pad_id, first.kind), [grid], cfg.merge_size))
-            start = int(positions[0][0, -1]) + 1  # the prefix ends on text (<|vision_end|>)
-        positions.append(torch.arange(start, start + len(question) + len(answer)).expand(3, -1))
+        branches.append((tokenizer.encode(prompt[cut:], add_special_tokens=False),
+                         tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)))
+    ids, labels, branch, lengths = pack_branches(prefix, branches)
+    # every branch continues the prefix's positions from where its text stops (it ends on <|vision_end|>)
+    positions = [mrope_positions(_token_types(torch.tensor(prefix), pad_id, first.kind), [grid], cfg.merge_size)]
+    start = int(positions[0][0, -1]) + 1
+    positions += [torch.arange(start, start + n).expand(3, -1) for n in lengths]
     input_ids = torch.tensor(ids)
     regions = region_targets(first, grid[0], grid[1] // cfg.merge_size, grid[2] // cfg.merge_size)
     keep = torch.ones(n_visual, dtype=torch.bool)
@@ -106,6 +101,20 @@ def encode_scene(processor: QwenVLProcessor, samples: list[scenes.Sample], keep_
             "keep": keep, "input_ids": input_ids[in_sequence], "labels": torch.tensor(labels)[in_sequence],
             "branch": torch.tensor(branch)[in_sequence], "mm_token_type_ids": token_types[in_sequence],
             "position_ids": torch.cat(positions, 1)[:, in_sequence]}
+
+
+def pack_branches(prefix: list[int], branches: list[tuple[list[int], list[int]]]
+                  ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The shared prefix once, then each (question, answer) branch: -> input ids, labels (the
+    answers only), branch numbers (0 the prefix, j question j) and each branch's length. Where
+    a branch sits (its positions) is the caller's: M-RoPE or 1-D."""
+    ids, labels, branch, lengths = list(prefix), [-100] * len(prefix), [0] * len(prefix), []
+    for number, (question, answer) in enumerate(branches, start=1):
+        ids += question + answer
+        labels += [-100] * len(question) + answer
+        branch += [number] * (len(question) + len(answer))
+        lengths.append(len(question) + len(answer))
+    return ids, labels, branch, lengths
 
 
 def _token_types(input_ids: torch.Tensor, pad_id: int, kind: str) -> torch.Tensor:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from benchmarks import scenes
 from benchmarks.probe_data import (
-    COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, region_targets, tree_attention_mask)
+    COLOUR_IDS, SHAPE_IDS, TRAIN_SEED_BASE, WORD_IDS, pack_branches, region_targets, tree_attention_mask)
 from sparsevlm.tiny import CLIP_MEAN, CLIP_STD, write_llava_processor_configs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,6 +163,7 @@ class SceneQuestions(IterableDataset):
 
     def __init__(self, tokenizer, seed: int, questions: int, start_step: int = 0):
         self.tokenizer, self.seed, self.questions, self.start_step = tokenizer, seed, questions, start_step
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     def __iter__(self):
         info = get_worker_info()
@@ -176,29 +177,24 @@ class SceneQuestions(IterableDataset):
         prompt = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + scenes.PROMPT_SUFFIX}]}],
             add_generation_prompt=True, tokenize=False)
-        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        at = ids.index(image_id)  # a special token, so one id: expanded as the processor expands it
-        return ids[:at] + [image_id] * (GRID * GRID) + ids[at + 1:]
+        at = ids.index(self.image_id)  # a special token, so one id: expanded as the processor expands it
+        return ids[:at] + [self.image_id] * (GRID * GRID) + ids[at + 1:]
 
     def encode(self, asked: list) -> dict:
-        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        ids, labels, branch, positions, prefix = [], [], [], [], None
-        for number, sample in enumerate(asked, start=1):
+        prefix, branches = None, []
+        for sample in asked:
             prompt = self.prompt_ids(sample.question)
-            cut = len(prompt) - prompt[::-1].index(image_id)  # the prefix ends on the last visual token
+            cut = len(prompt) - prompt[::-1].index(self.image_id)  # the prefix ends on the last visual token
             if prefix is None:
                 prefix = prompt[:cut]
-                assert prefix.count(image_id) == GRID * GRID
-                ids, labels, branch, positions = list(prefix), [-100] * cut, [0] * cut, list(range(cut))
+                assert prefix.count(self.image_id) == GRID * GRID
             elif prompt[:cut] != prefix:
                 raise AssertionError("questions on one scene must share the prompt up to the image's end")
-            question = prompt[cut:]
-            answer = self.tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)
-            ids += question + answer
-            labels += [-100] * len(question) + answer
-            branch += [number] * (len(question) + len(answer))
-            positions += range(cut, cut + len(question) + len(answer))
+            branches.append((prompt[cut:],
+                             self.tokenizer.encode(sample.answer + "<|im_end|>", add_special_tokens=False)))
+        ids, labels, branch, lengths = pack_branches(prefix, branches)
+        positions = list(range(len(prefix))) + [p for n in lengths for p in range(len(prefix), len(prefix) + n)]
         first = asked[0]
         return {"pixels": _resize(first.frames[0]), "regions": region_targets(first, 1, GRID, GRID),
                 "input_ids": ids, "labels": labels, "branch": branch, "position_ids": positions}
@@ -287,6 +283,8 @@ def losses_of(model, pixels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, t
 
 
 def train(args) -> None:
+    from peft.helpers import disable_input_dtype_casting
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # cuDNN attention plans per new sequence length on the host: slow steps
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -332,35 +330,39 @@ def train(args) -> None:
     batches = iter(loader)
     model.train()
     profiler = None
-    while (elapsed := trained_before + time.perf_counter() - slice_started) < min(budget, slice_end):
-        if args.profile and step - run["step"] in (20, 30):
-            profiler = _profile(profiler, device)
-        wait = time.perf_counter()
-        batch = next(batches)
-        run["waited"] += time.perf_counter() - wait
-        # linear warm-up, then cosine over the time budget (steps are not known in advance)
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
-        for group, lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr * max(scale, 0.02)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        pixels = (batch["pixels"].float() / 255 - mean) / std
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            answer_loss, features = losses_of(inner, pixels, batch)
-            region_loss, words = head.loss(features, batch["regions"])
-        optimizer.zero_grad(set_to_none=True)
-        (answer_loss + REGION_LOSS_WEIGHT * region_loss).backward()
-        torch.nn.utils.clip_grad_norm_(new + lora, 1.0)
-        optimizer.step()
-        losses.append(torch.stack([answer_loss.detach(), region_loss.detach(), words]))  # no sync per step
-        step += 1
-        if step % args.log_every == 0:
-            a, r, w = torch.stack(losses).mean(0).tolist()
-            losses.clear()
-            run["loss_curve"].append({"step": step, "seconds": round(elapsed, 1), "answer_loss": round(a, 4),
-                                      "region_loss": round(r, 4), "word_accuracy": round(w, 3)})
-            rate = (step - run["step"]) / (time.perf_counter() - slice_started)
-            print(f"step {step:5d} {elapsed:5.0f}s answer {a:.4f} regions {r:.4f} words {w:.2f} "
-                  f"{rate:.2f} steps/s, waiting for data {run['waited'] / elapsed:.0%}", flush=True)
+    # under autocast LoRA's matmuls run in bf16 anyway: peft's cast of every LoRA input to the
+    # adapter's fp32 (a copy of the activation per projection and layer) buys nothing; casts were
+    # 22% of the committed run's step (benchmarks/results/h200_probe_v3_training.log)
+    with disable_input_dtype_casting(model, active=device.type == "cuda"):
+        while (elapsed := trained_before + time.perf_counter() - slice_started) < min(budget, slice_end):
+            if args.profile and step - run["step"] in (20, 30):
+                profiler = _profile(profiler, device)
+            wait = time.perf_counter()
+            batch = next(batches)
+            run["waited"] += time.perf_counter() - wait
+            # linear warm-up, then cosine over the time budget (steps are not known in advance)
+            scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
+            for group, lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = lr * max(scale, 0.02)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            pixels = (batch["pixels"].float() / 255 - mean) / std
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                answer_loss, features = losses_of(inner, pixels, batch)
+                region_loss, words = head.loss(features, batch["regions"])
+            optimizer.zero_grad(set_to_none=True)
+            (answer_loss + REGION_LOSS_WEIGHT * region_loss).backward()
+            torch.nn.utils.clip_grad_norm_(new + lora, 1.0)
+            optimizer.step()
+            losses.append(torch.stack([answer_loss.detach(), region_loss.detach(), words]))  # no sync per step
+            step += 1
+            if step % args.log_every == 0:
+                a, r, w = torch.stack(losses).mean(0).tolist()
+                losses.clear()
+                run["loss_curve"].append({"step": step, "seconds": round(elapsed, 1), "answer_loss": round(a, 4),
+                                          "region_loss": round(r, 4), "word_accuracy": round(w, 3)})
+                rate = (step - run["step"]) / (time.perf_counter() - slice_started)
+                print(f"step {step:5d} {elapsed:5.0f}s answer {a:.4f} regions {r:.4f} words {w:.2f} "
+                      f"{rate:.2f} steps/s, waiting for data {run['waited'] / elapsed:.0%}", flush=True)
     run.update(step=step, train_seconds=elapsed)
     if elapsed < budget:  # a slice of a longer run: keep everything the next slice needs
         trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
