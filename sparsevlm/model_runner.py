@@ -72,6 +72,19 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, sorted({b for b in config.graph_batch_buckets if b < largest} | {largest}))
             self.graphs.capture_all()
 
+    @staticmethod
+    def _check_feature_rows(samples, features) -> None:
+        """The tower gave one row per visual placeholder (shapes only: no sync). On CUDA a mismatch
+        would otherwise surface as a device-side assert that breaks the whole GPU context."""
+        produced = sum(rows.shape[0] for rows in features.by_token_id.values())
+        expected = sum(s.num_visual_tokens for s in samples)
+        if produced != expected:
+            import transformers
+
+            raise RuntimeError(f"the vision tower returned {produced} feature rows for {expected} visual "
+                               f"placeholder tokens (transformers {transformers.__version__}): the adapter does "
+                               "not match this transformers version's feature layout")
+
     def _pool_slots(self) -> int:
         layers = self.adapter.num_layers
         if self.config.max_cache_tokens is not None:
@@ -97,6 +110,7 @@ class ModelRunner:
         started = self.clock.mark()
         samples = [seq.sample for seq in pack]
         features = self.adapter.encode_visual(samples, self.backend)
+        self._check_feature_rows(samples, features)
         vision_done = self.clock.mark()
         stream = PrunedPack(samples, [seq.plan for seq in pack], self.device)
         input_ids = self._to_device(torch.cat([s.input_ids for s in samples]))

@@ -318,9 +318,19 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
             features.by_token_id[config.image_token_id] = torch.cat(list(getattr(output, "pooler_output", output)))
         videos = [v for s in samples if "video_frames" in s.visual_inputs for v in self.pixels(s, "video_frames")]
         if videos:
-            pooled = [self.inner.get_video_features(  # positional: transformers 5.17 names it pixel_values
-                video[None].to(dtype), vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy) for video in videos]
-            features.by_token_id[config.video_token_id] = torch.cat(
-                [getattr(out, "pooler_output", out).flatten(0, 1) for out in pooled])
+            features.by_token_id[config.video_token_id] = torch.cat([self._video_rows(video, dtype) for video in videos])
         return features
+
+    def _video_rows(self, video: torch.Tensor, dtype) -> torch.Tensor:
+        """One video's rows: its frames' 2x2-pooled features and the image-newline token after them.
+        transformers 5.24's `get_video_features` appends the newline, 5.17's leaves it to the model's
+        forward: add it where the library did not."""
+        config = self.model.config
+        out = self.inner.get_video_features(  # positional: transformers 5.17 names it pixel_values
+            video[None].to(dtype), vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy)
+        rows = getattr(out, "pooler_output", out).flatten(0, 1)
+        side = -(-(config.vision_config.image_size // config.vision_config.patch_size) // 2)
+        if rows.shape[0] == video.shape[0] * side * side:
+            rows = torch.cat([rows, self.inner.image_newline[None].to(rows)])
+        return rows
