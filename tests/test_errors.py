@@ -85,3 +85,20 @@ def test_sampling_params_are_validated():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         dataclasses.replace(SamplingParams(), top_p=0.0)
+
+
+def test_a_tower_that_returns_too_few_rows_fails_clearly(engine, monkeypatch):
+    """An adapter out of step with the library's feature layout (a newline row moved between
+    versions, say) is a one-line error, checked on shapes before the embedding scatter: on CUDA
+    the scatter itself would raise a device-side assert and break the GPU context."""
+    original = type(engine.adapter).encode_visual
+
+    def one_row_short(self, samples, backend):
+        features = original(self, samples, backend)
+        features.by_token_id = {token: rows[:-1] for token, rows in features.by_token_id.items()}
+        return features
+
+    monkeypatch.setattr(type(engine.adapter), "encode_visual", one_row_short)
+    with pytest.raises(RuntimeError) as excinfo:
+        engine.generate(mixed_samples(engine.processor)[:1])
+    assert "feature rows for" in one_line(excinfo) and "transformers" in str(excinfo.value)
