@@ -90,20 +90,19 @@ class AttentionBackend:
                 raise ValueError(f"unknown attention backend {requested!r}; use auto, flash_attn, torch_varlen or sdpa")
             if requested != "sdpa" and device.type != "cuda":
                 raise ValueError(f"attention backend {requested!r} needs a CUDA device, got {device}")
-            backend = cls(requested, device, fused_vision)
+            backend = cls(requested, device)
             reason = "requested"
         elif device.type != "cuda":
-            backend, reason = cls("sdpa", device, fused_vision), "not on CUDA"
+            backend, reason = cls("sdpa", device), "not on CUDA"
         else:
             try:
-                backend, reason = cls("flash_attn", device, fused_vision), "flash-attn is installed"
+                backend, reason = cls("flash_attn", device), "flash-attn is installed"
             except ImportError:
                 try:
-                    backend, reason = (cls("torch_varlen", device, fused_vision),
-                                       "flash-attn not installed; torch varlen_attn present")
+                    backend, reason = cls("torch_varlen", device), "flash-attn not installed; torch varlen_attn present"
                 except ImportError:
-                    backend, reason = (cls("sdpa", device, fused_vision),
-                                       "neither flash-attn nor torch varlen_attn available")
+                    backend, reason = cls("sdpa", device), "neither flash-attn nor torch varlen_attn available"
+        backend.fused_vision = fused_vision and device.type == "cuda"
         logger.info("attention backend: %s (%s)", backend.name, reason)
         return backend
 

@@ -52,9 +52,9 @@ def image_token_counts(counter, image_sizes, batch_num_images, tile_side: int) -
             for (h, w), is_multi in zip(image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes, multi)]
 
 
-def video_token_count(counter, num_frames: int) -> int:
+def video_token_count(patches_per_side: int, num_frames: int) -> int:
     """Frames are 2x2-pooled (rounding up) and one newline closes the video."""
-    pooled = math.ceil(int(math.isqrt(counter.num_image_tokens)) / 2)
+    pooled = math.ceil(patches_per_side / 2)
     return num_frames * pooled * pooled + 1
 
 
@@ -145,7 +145,8 @@ class OnevisionProcessor(TokenizerFacade):
         video_counts: list[int] = []
         if videos:
             resized = [self._resized_video(v) for v in videos]
-            video_counts = [video_token_count(self.counter, len(frames)) for frames in resized]
+            side = math.isqrt(self.counter.num_image_tokens)
+            video_counts = [video_token_count(side, len(frames)) for frames in resized]
             if return_frames:
                 out["video_frames"] = [torch.from_numpy(frames) for frames in resized]
                 out["video_grid_thw"] = torch.tensor([list(frames.shape[:3]) for frames in resized])
@@ -205,7 +206,7 @@ class OnevisionPreparer:
         if videos is not None:
             frames = [len(v) for v in videos]
             visual["video_frames"] = self._pixels(sample, "video", frames, index, pin)
-            expected["video"] = sum(video_token_count(self.counter, n) for n in frames)
+            expected["video"] = sum(video_token_count(math.isqrt(self.counter.num_image_tokens), n) for n in frames)
             patches += sum(frames) * self.patches_per_tile
         for kind, count in expected.items():
             found = int((input_ids == self.token_ids[kind]).sum())
@@ -318,7 +319,8 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
             features.by_token_id[config.image_token_id] = torch.cat(list(getattr(output, "pooler_output", output)))
         videos = [v for s in samples if "video_frames" in s.visual_inputs for v in self.pixels(s, "video_frames")]
         if videos:
-            features.by_token_id[config.video_token_id] = torch.cat([self._video_rows(video, dtype) for video in videos])
+            rows = [self._video_rows(video, dtype) for video in videos]
+            features.by_token_id[config.video_token_id] = torch.cat(rows)
         return features
 
     def _video_rows(self, video: torch.Tensor, dtype) -> torch.Tensor:
@@ -330,7 +332,7 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
             video[None].to(dtype), vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy)
         rows = getattr(out, "pooler_output", out).flatten(0, 1)
-        side = -(-(config.vision_config.image_size // config.vision_config.patch_size) // 2)
-        if rows.shape[0] == video.shape[0] * side * side:
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        if rows.shape[0] == video_token_count(side, video.shape[0]) - 1:
             rows = torch.cat([rows, self.inner.image_newline[None].to(rows)])
         return rows
