@@ -248,12 +248,14 @@ def make_image_sample(rng: random.Random, qtype: str) -> Sample:
             return Sample("image", asked[0], asked[1], qtype, [render(things, _background(rng, size))], things)
 
 
-def scene_questions(rng: random.Random, objects: tuple[int, int] = (1, 6)) -> list[Sample]:
+def scene_questions(rng: random.Random, objects: tuple[int, int] = (1, 6),
+                    signs: tuple[int, ...] = (0, 1, 1, 2)) -> list[Sample]:
     """Training: one drawn image scene and every question that can be asked of it (position,
     exists, count and read twice), in random order: one render serves several answers. Scenes
-    with fewer objects than the tests' 3-6 are easy cases that teach what to look for."""
+    with fewer objects than the tests' 3-6 are easy cases that teach what to look for; the
+    number of signs is drawn from `signs`."""
     size = rng.randrange(448, 673, 28)
-    things = _scene(rng, size, rng.randint(*objects), signs=rng.choice([0, 1, 1, 2]))
+    things = _scene(rng, size, rng.randint(*objects), signs=rng.choice(signs))
     frames = [render(things, _background(rng, size))]
     qtypes = list(IMAGE_TYPES + ("position", "exists", "count", "read"))
     rng.shuffle(qtypes)
