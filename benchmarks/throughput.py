@@ -8,25 +8,31 @@ HF runs identical samples stacked into batches (no padding: this flatters it) at
 `--hf-batch-sizes` and its best is the baseline. Our engine gets `--num-samples` distinct
 samples in one `generate` call. Output length is fixed (EOS ignored) so both do the same
 work. Preprocessing is excluded from both (it is the pipeline's CPU stage). Each timing
-is the median of `--repeats` runs after a warm-up run.
+is the median of `--repeats` runs after a warm-up run. Where vLLM imports, its offline dense
+rows (and EVS on video with `--vllm-evs`) follow in the same call, on the same workloads and
+counts, from benchmarks/vllm_baseline.py: fresh media per run, its preprocessing included.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.workloads import (
-    HF_BEST_BATCH, MIXED, MODEL_NAMES, WORKLOADS, device_for, load_model, make_mixed_samples, make_samples,
-    stack_identical)
+    HF_BEST_BATCH, MIXED, MODEL_NAMES, WORKLOADS, default_count, device_for, load_model, make_mixed_samples,
+    make_samples, stack_identical)
 
+from benchmarks.vllm_baseline import MIN_REPEATS, vllm_available
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
 
 
@@ -101,6 +107,38 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
             "attention_backend": engine.backend.name}
 
 
+def use_vllm(args) -> bool:
+    if args.vllm == "off" or (args.vllm == "auto" and (args.model == "tiny" or not vllm_available())):
+        return False
+    if args.model == "tiny":
+        raise SystemExit("--vllm on needs a real architecture (--model qwen2_5_vl_7b, ...), not the tiny model")
+    if not vllm_available():
+        raise SystemExit("--vllm on: vllm is not importable (../shared/device/stage-vllm.sh stages it)")
+    return True
+
+
+def vllm_rows(args, counts: dict[str, int]) -> list[dict]:
+    """vLLM's rows on the same workloads and counts, from benchmarks/vllm_baseline.py in a child process
+    (its own CUDA context and engine processes; this process's model is gone by then)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "vllm.json"
+        command = [sys.executable, "-m", "benchmarks.vllm_baseline", "--model", args.model,
+                   "--workloads", ",".join(counts), "--counts", ",".join(f"{k}={v}" for k, v in counts.items()),
+                   "--repeats", str(max(args.repeats, MIN_REPEATS)), "--json", str(out)]
+        if args.vllm_evs:
+            command += ["--evs", str(args.vllm_evs)]
+        subprocess.run(command, check=True)
+        return json.loads(out.read_text())["rows"]
+
+
+def compare_with_vllm(rows: list[dict]) -> None:
+    """Each engine row's speed against vLLM dense on its workload."""
+    for row in rows:
+        dense = next((r for r in rows if r["workload"] == row["workload"] and r["system"] == "vllm_dense"), None)
+        if dense and not row["system"].startswith("vllm") and "error" not in row:
+            row["speedup_vs_vllm_dense"] = row["samples_per_s"] / dense["samples_per_s"]
+
+
 def write_report(args, device: torch.device, rows: list[dict]) -> None:
     if not args.json:
         return
@@ -134,6 +172,10 @@ def main() -> None:
     parser.add_argument("--no-compile-vision", action="store_true")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
+    parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto", help="vLLM offline dense rows in "
+                        "the same call (auto: when vllm imports and the model is a real architecture)")
+    parser.add_argument("--vllm-evs", type=float, default=None, help="also vLLM with EVS video pruning at this "
+                        "rate, on video workloads (e.g. 0.75)")
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
@@ -146,13 +188,12 @@ def main() -> None:
                                                                     fused_vision=not args.no_fused_vision,
                                                                     max_num_seqs=seats))
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]
-    rows = []
+    rows, counts = [], {}
     for name in args.workloads.split(","):
-        n = args.num_samples or (16 if tiny else (128 if name.startswith("vqa") else 64))
+        n = args.num_samples or default_count(name, tiny)
+        counts[name] = n
         if name == MIXED:
-            samples, new_tokens = make_mixed_samples(processor, n if args.num_samples else (24 if tiny else 256),
-                                                     args.model)
-            n = len(samples)
+            samples, new_tokens = make_mixed_samples(processor, n, args.model)
             workload = None
         else:
             workload = WORKLOADS[name]
@@ -194,19 +235,28 @@ def main() -> None:
                   f"/{row['n_visual_tokens']})", flush=True)
             write_report(args, device, rows)  # after every row: a run cut short still leaves its numbers
 
+    if use_vllm(args):
+        del engine, model  # vLLM gets the whole GPU, in a child process of this same call
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows += vllm_rows(args, counts)
+        compare_with_vllm(rows)
+        write_report(args, device, rows)
+
     print(f"\n{'workload':<13} {'system':<22} {'batch':>5} {'samples/s':>10} {'vs HF best':>10} {'vs dense':>8} "
-          f"{'sparse %':>8} {'peak GB':>8}")
+          f"{'vs vLLM':>8} {'sparse %':>8} {'peak GB':>8}")
     for row in (r for r in rows if "error" not in r):
         fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
         share = row.get("sparse_share_of_prefill")
         print(f"{row['workload']:<13} {row['system']:<22} {row['batch_size']:>5} {row['samples_per_s']:>10.2f} "
               f"{fmt(row.get('speedup_vs_hf_best'), '>9.2f')}x {fmt(row.get('speedup_vs_engine_dense'), '>7.2f')}x "
-              f"{fmt(None if share is None else 100 * share, '>8.2f')} {fmt(row['peak_memory_gb'], '>8.1f')}")
+              f"{fmt(row.get('speedup_vs_vllm_dense'), '>7.2f')}x "
+              f"{fmt(None if share is None else 100 * share, '>8.2f')} {fmt(row.get('peak_memory_gb'), '>8.1f')}")
     write_report(args, device, rows)
     rounded = lambda value: value and round(value, 2)  # noqa: E731
     print(json.dumps({"summary": {f"{r['workload']} {r['method']}": {
         "vs_hf_best": rounded(r["speedup_vs_hf_best"]), "vs_engine_dense": rounded(r["speedup_vs_engine_dense"]),
-        "vs_static_batching": rounded(r["speedup_vs_static"])}
+        "vs_static_batching": rounded(r["speedup_vs_static"]), "vs_vllm_dense": rounded(r.get("speedup_vs_vllm_dense"))}
         for r in rows if r.get("batching") == "continuous"}}))
 
 

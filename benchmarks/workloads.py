@@ -109,6 +109,36 @@ LARGE_MODELS = {"qwen2_5_vl_7b": ("qwen2_5_vl", qwen2_5_vl_7b_config, "<|im_end|
                 "llava_1_5_7b": ("llava", llava_1_5_7b_config, "</s>"),
                 "llava_onevision_7b": ("llava_onevision", llava_onevision_7b_config, "<|im_end|>")}
 MODEL_NAMES = ("tiny", *LARGE_MODELS)
+ARCHITECTURES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                 "llava": "LlavaForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+
+
+def write_model_folder(name: str, folder: Path):
+    """A loadable folder for one of LARGE_MODELS without weights: its full config.json (with
+    `architectures`, as vLLM's dummy loader needs), our offline tokenizer and processor configs.
+    -> (config, tokenizer)."""
+    family, build_config, _ = LARGE_MODELS[name]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(family=family)
+    tokenizer.save_pretrained(folder)
+    config = build_config(tokenizer)
+    if family == "llava":
+        write_llava_processor_configs(folder, 336)
+    elif family == "llava_onevision":
+        write_onevision_processor_configs(folder, 384, config.image_grid_pinpoints, 27 * 27)
+    else:
+        factor = 32 if family == "qwen3_vl" else 28
+        write_preprocessor_configs(folder, family, min_pixels=factor * factor * 4, max_pixels=factor * factor * 1280)
+    config.architectures = [ARCHITECTURES[family]]
+    (folder / "config.json").write_text(config.to_json_string())  # processors read the tower's size from it
+    return config, tokenizer
+
+
+def load_processor(name: str, folder: Path):
+    family = LARGE_MODELS[name][0]
+    return {"llava": LlavaFrameProcessor.from_pretrained, "llava_onevision": OnevisionProcessor.from_pretrained
+            }.get(family, lambda f: QwenVLProcessor.from_pretrained(f, model_type=family))(folder)
 
 
 def load_model(name: str, device: str, folder: Path | None = None):
@@ -123,43 +153,39 @@ def load_model(name: str, device: str, folder: Path | None = None):
         return model.eval(), QwenVLProcessor.from_pretrained(path)
     if name not in LARGE_MODELS:
         raise ValueError(f"unknown benchmark model {name!r}; use one of {', '.join(MODEL_NAMES)}")
-    family, build_config, end_of_turn = LARGE_MODELS[name]
     folder = Path(folder or tempfile.mkdtemp())
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(family=family)
-    tokenizer.save_pretrained(folder)
-    if family == "llava":
-        write_llava_processor_configs(folder, 336)
-    elif family == "llava_onevision":
-        write_onevision_processor_configs(folder, 384, build_config(tokenizer).image_grid_pinpoints, 27 * 27)
-    else:
-        factor = 32 if family == "qwen3_vl" else 28
-        write_preprocessor_configs(folder, family, min_pixels=factor * factor * 4, max_pixels=factor * factor * 1280)
-    (folder / "config.json").write_text(f'{{"model_type": "{family}"}}')
-    config = build_config(tokenizer)
+    config, tokenizer = write_model_folder(name, folder)
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    end_of_turn = LARGE_MODELS[name][2]
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(end_of_turn),
                                                pad_token_id=0, do_sample=False)
-    if family == "llava_onevision":
-        (folder / "config.json").write_text(config.to_json_string())  # the processor reads the tower's size
-    processor = {"llava": LlavaFrameProcessor.from_pretrained, "llava_onevision": OnevisionProcessor.from_pretrained
-                 }.get(family, lambda f: QwenVLProcessor.from_pretrained(f, model_type=family))(folder)
-    return model.eval(), processor
+    return model.eval(), load_processor(name, folder)
+
+
+def random_media(workload: Workload, seed: int, scale: int = 1):
+    """`workload`'s random image (PIL), or its frames (a list of PIL images), seeded by `seed`:
+    the one definition of a benchmark's pixels, for our engine and for vLLM alike."""
+    rng = np.random.default_rng(seed)
+    side = workload.image_side // scale
+    picture = lambda: Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))  # noqa: E731
+    return [picture() for _ in range(workload.num_frames)] if workload.is_video else picture()
+
+
+def prompt_for(processor, workload: Workload) -> str:
+    """The chat prompt with one placeholder for the image or video (each system expands it)."""
+    kind = "video" if workload.is_video else "image"
+    return processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": QUESTION}]}])
 
 
 def make_sample(processor, workload: Workload, seed: int, scale: int = 1) -> dict:
     """One sample of `workload` with a random image (or frames) seeded by `seed`."""
-    rng = np.random.default_rng(seed)
-    side = workload.image_side // scale
-    picture = lambda: Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))  # noqa: E731
-    kind = "video" if workload.is_video else "image"
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": QUESTION}]}])
+    media = random_media(workload, seed, scale)
     if workload.is_video:
-        return processor(text=[prompt], videos=[[picture() for _ in range(workload.num_frames)]])
-    return processor(text=[prompt], images=[picture()])
+        return processor(text=[prompt_for(processor, workload)], videos=[media])
+    return processor(text=[prompt_for(processor, workload)], images=[media])
 
 
 def device_for(model_name: str) -> torch.device:
@@ -173,14 +199,28 @@ def make_samples(processor, workload: Workload, count: int, model_name: str, fir
     return [make_sample(processor, workload, seed=first_seed + i, scale=scale) for i in range(count)]
 
 
-def make_mixed_samples(processor, count: int, model_name: str, seed: int = 0) -> tuple[list[dict], list[int]]:
-    """`count` samples drawn from vqa-256 / vqa-1024 / video-16f media, and each one's new tokens (3..128)."""
+def mixed_plan(count: int, seed: int = 0) -> list[tuple[Workload, int, int]]:
+    """The `mixed` workload: `count` (media kind, media seed, new tokens 3..128) drawn from the
+    vqa-256 / vqa-1024 / video-16f media."""
     rng = np.random.default_rng(seed)
     kinds = [WORKLOADS[name] for name in ("vqa-256", "vqa-1024", "video-16f")]
+    drawn = [kinds[int(rng.integers(len(kinds)))] for _ in range(count)]
+    new_tokens = [int(n) for n in rng.integers(3, 129, count)]
+    return [(kind, seed * 100_003 + i, n) for i, (kind, n) in enumerate(zip(drawn, new_tokens))]
+
+
+def make_mixed_samples(processor, count: int, model_name: str, seed: int = 0) -> tuple[list[dict], list[int]]:
+    """`count` samples of the mixed plan, and each one's new tokens."""
     scale = TINY_SCALE if model_name == "tiny" else 1
-    samples = [make_sample(processor, kinds[int(rng.integers(len(kinds)))], seed=seed * 100_003 + i, scale=scale)
-               for i in range(count)]
-    return samples, [int(n) for n in rng.integers(3, 129, count)]
+    plan = mixed_plan(count, seed)
+    return [make_sample(processor, kind, media_seed, scale) for kind, media_seed, _ in plan], [n for *_, n in plan]
+
+
+def default_count(workload_name: str, tiny: bool) -> int:
+    """Samples per workload in a throughput run (the same for our engine and for vLLM)."""
+    if workload_name == MIXED:
+        return 24 if tiny else 256
+    return 16 if tiny else (128 if workload_name.startswith("vqa") else 64)
 
 
 def stack_identical(sample: dict, batch_size: int) -> dict:

@@ -1,0 +1,146 @@
+"""vLLM offline, dense: what users run instead of us, timed on our benchmark workloads.
+
+Optional: it runs where `vllm` imports (../shared/device/stage-vllm.sh carries vLLM 0.26 to the
+GPU machine) and is never a dependency of the product. `benchmarks/throughput.py` runs it in the
+same call as our engine, in a child process once our model has left the GPU. Measured the way
+BENCHMARKS.md asks, so that its numbers are the ones a user would get:
+- prefix caching off, the multimodal processor cache off, and fresh media in every run
+  (repeated media let vLLM reuse its encoder and prefix caches: 1.5-2x inflated, seen on the H200);
+- its own preprocessing included (PIL images and uint8 frames in, as a user hands them over;
+  our engine's rows exclude the CPU stage);
+- a fixed output length (EOS ignored, min_tokens = max_tokens), as in our rows;
+- the median of >= 3 timed runs after one warm-up run (CUDA graphs, compilation).
+The first timed run sees exactly the images our engine's rows see (seeds 0..n-1); each later run
+draws new ones. `--evs R` adds vLLM's own video token pruning (EVS) at rate R on video workloads.
+
+    python -m benchmarks.vllm_baseline --model qwen2_5_vl_7b --workloads vqa-1024,video-16f --evs 0.75 --json OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.workloads import (
+    LARGE_MODELS, MIXED, WORKLOADS, default_count, load_processor, mixed_plan, prompt_for, random_media, write_model_folder)
+
+MIN_REPEATS = 3
+RUN_SEED_STRIDE = 1_000_003  # media seeds of timed run r start at r * this: no image repeats across runs
+WARMUP_SEED = 10**9
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def plan_for(workload_name: str, count: int) -> list[tuple]:
+    """(workload of the media, seed offset within the run, new tokens) per request."""
+    if workload_name == MIXED:
+        return mixed_plan(count)
+    workload = WORKLOADS[workload_name]
+    return [(workload, i, workload.max_new_tokens) for i in range(count)]
+
+
+def requests_for(processor, plan: list[tuple], first_seed: int) -> list[dict]:
+    """vLLM prompts: the chat prompt with one placeholder, the media as PIL image or uint8 frames."""
+    requests = []
+    for workload, seed, _ in plan:
+        media = random_media(workload, first_seed + seed)
+        data = {"video": np.stack([np.asarray(frame) for frame in media])} if workload.is_video else {"image": media}
+        requests.append({"prompt": prompt_for(processor, workload), "multi_modal_data": data})
+    return requests
+
+
+def measure(llm, sampling_params_cls, processor, workload_name: str, count: int, repeats: int = MIN_REPEATS) -> dict:
+    """Seconds per run (median of `repeats` >= 3 runs on fresh media, after a warm-up run)."""
+    plan = plan_for(workload_name, count)
+    new_tokens = [n for *_, n in plan]
+    params = [sampling_params_cls(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0) for n in new_tokens]
+
+    def run(first_seed: int) -> float:
+        requests = requests_for(processor, plan, first_seed)  # media made outside the clock, decoded inside
+        started = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        generated = [len(output.outputs[0].token_ids) for output in outputs]
+        if generated != new_tokens:
+            raise RuntimeError(f"vLLM generated {generated[:8]}... tokens, asked for {new_tokens[:8]}...: "
+                               "the row would not do our rows' work")
+        return seconds
+
+    run(WARMUP_SEED)
+    times = [run(r * RUN_SEED_STRIDE) for r in range(max(repeats, MIN_REPEATS))]
+    seconds = statistics.median(times)
+    return {"batch_size": count, "seconds": seconds, "samples_per_s": count / seconds, "runs_s": times,
+            "preprocessing": "included (vLLM's own)", "prefix_caching": False, "fresh_media_per_run": True}
+
+
+def engine_kwargs(folder: Path, evs: float | None, max_num_seqs: int) -> dict:
+    kwargs = dict(model=str(folder), load_format="dummy", dtype="bfloat16", enable_prefix_caching=False,
+                  mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 1, "video": 1}, max_num_seqs=max_num_seqs,
+                  seed=0)
+    if evs:
+        kwargs["video_pruning_rate"] = evs
+    return kwargs
+
+
+def run(model_name: str, workloads: list[str], counts: dict[str, int], repeats: int, evs: float | None,
+        max_num_seqs: int = 256) -> list[dict]:
+    """vLLM's rows for `workloads`: dense, and with EVS at `evs` on the video workloads."""
+    from vllm import LLM, SamplingParams
+
+    if model_name not in LARGE_MODELS:
+        raise SystemExit(f"vLLM runs the real architectures ({', '.join(LARGE_MODELS)}), not {model_name!r}")
+    folder = Path(tempfile.mkdtemp()) / model_name
+    write_model_folder(model_name, folder)
+    processor = load_processor(model_name, folder)
+    variants = [("vllm_dense", None)] + ([(f"vllm_evs{evs:g}", evs)] if evs else [])
+    rows = []
+    for system, rate in variants:
+        names = [w for w in workloads if rate is None or (w != MIXED and WORKLOADS[w].is_video)]
+        if not names:
+            continue
+        llm = LLM(**engine_kwargs(folder, rate, max_num_seqs))
+        for name in names:
+            row = {"workload": name, "system": system, **measure(llm, SamplingParams, processor, name, counts[name],
+                                                                 repeats)}
+            rows.append(row)
+            print(f"{name:<13} {system:<22} batch {row['batch_size']:>4}: {row['samples_per_s']:8.2f} samples/s "
+                  f"(runs {', '.join(f'{t:.2f}s' for t in row['runs_s'])}; its preprocessing included)", flush=True)
+        del llm
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2_5_vl_7b", choices=list(LARGE_MODELS))
+    parser.add_argument("--workloads", default="vqa-1024,caption-1024,video-16f")
+    parser.add_argument("--counts", default="", help="workload=n,... (default: 128 for VQA, 64 otherwise, "
+                        "256 for mixed: throughput.py's)")
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS)
+    parser.add_argument("--evs", type=float, default=None, help="also run vLLM's EVS video pruning at this rate")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not vllm_available():
+        raise SystemExit("vllm is not importable here: ../shared/device/stage-vllm.sh stages it for the GPU machine")
+    workloads = args.workloads.split(",")
+    counts = {w: default_count(w, tiny=False) for w in workloads}
+    counts.update({k: int(v) for k, v in (item.split("=") for item in args.counts.split(",") if item)})
+    rows = run(args.model, workloads, counts, args.repeats, args.evs)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(["python -m benchmarks.vllm_baseline", *sys.argv[1:]]),
+                                         "model": args.model, "vllm": __import__("vllm").__version__,
+                                         "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
