@@ -15,7 +15,9 @@ once per `--gpu-actors` value with `--warmup`. Job throughput is the cost report
 the engines' span (first timed call's start to last call's end), so start-up and each engine's
 warm-up batch stay out, waits on the CPU stage stay in. Reported beside it: job / engine, and
 the engine's busy share of the span (its prefill and decode time, summed over rows). The whole
-job's wall time (Ray start-up and model load included) is there too.
+job's wall time (Ray start-up and model load included) is there too. On image jobs, where vLLM
+imports, vLLM offline dense runs last on the same images (benchmarks/vllm_baseline.py --parquet):
+each job row gets its ratio to it, per engine.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -117,6 +120,25 @@ def run_engine_alone(source: Path, kind: str, flags: list[str]) -> dict:
             "generated_tokens": generated}
 
 
+def vllm_on_job_inputs(args, source: Path, question: str, max_new_tokens: int) -> dict | None:
+    """vLLM offline dense on the job's own images, in a child process of this call (what users run
+    instead of us: benchmarks/vllm_baseline.py), where vLLM imports; None where it does not apply."""
+    from benchmarks.vllm_baseline import vllm_available
+
+    if args.vllm == "off" or args.kind != "image" or args.model == "tiny":
+        return None
+    if not vllm_available():
+        if args.vllm == "on":
+            raise SystemExit("--vllm on: vllm is not importable (../shared/device/stage-vllm.sh stages it)")
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "vllm.json"
+        subprocess.run([sys.executable, "-m", "benchmarks.vllm_baseline", "--model", args.model, "--parquet",
+                        str(source), "--prompt", question, "--max-new-tokens", str(max_new_tokens), "--json", str(out)],
+                       check=True)
+        return json.loads(out.read_text())["rows"][0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2_5_vl_7b", choices=["tiny", "qwen2_5_vl_7b"])
@@ -132,6 +154,8 @@ def main() -> None:
                                                                 "engine-alone run and one job run each")
     parser.add_argument("--budget", default="128")
     parser.add_argument("--max-new-tokens", default=None, help="default: 16 for images (vqa), 64 for videos")
+    parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto", help="vLLM offline dense on the "
+                        "same images after the job runs (auto: image jobs on the 7B architecture, where vllm imports)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work-dir", type=Path, help="where the checkpoint and inputs go (kept; reused when "
                                                      "already there); default: a fresh temporary folder")
@@ -145,8 +169,8 @@ def main() -> None:
     from pipeline.cli import main as job_main
     from pipeline.cost.metrics import run_metrics
 
-    task = ["--task", "vqa", "--prompt", "What is in the picture? Answer in two words."] if args.kind == "image" \
-        else ["--task", "caption"]
+    question = "What is in the picture? Answer in two words."
+    task = ["--task", "vqa", "--prompt", question] if args.kind == "image" else ["--task", "caption"]
     new_tokens = args.max_new_tokens or ("16" if args.kind == "image" else "64")
     runs = []
     for method in args.method.split(","):
@@ -189,15 +213,22 @@ def main() -> None:
     dense = {r["gpu_actors"]: r["samples_per_s"] for r in runs if r["method"] == "none"}
     for run in runs:
         run["vs_dense_job"] = run["samples_per_s"] / dense[run["gpu_actors"]] if dense.get(run["gpu_actors"]) else None
-    report = {"command": " ".join(["python", *sys.argv]), "model": args.model, "kind": args.kind,
-              "rows": args.rows, "budget": args.budget, "runs": runs}
-    print(f"\n{'method':<12} {'engines':>7} {'engine alone':>13} {'job':>8} {'job/engine':>10} {'busy':>6} "
-          f"{'vs dense':>8}")
+    vllm = vllm_on_job_inputs(args, source, question, int(new_tokens))
     for run in runs:
-        ratio = run["vs_dense_job"]
+        run["vs_vllm_dense"] = run["samples_per_s"] / vllm["samples_per_s"] / run["gpu_actors"] \
+            if vllm and run.get("samples_per_s") else None
+    report = {"command": " ".join(["python", *sys.argv]), "model": args.model, "kind": args.kind,
+              "rows": args.rows, "budget": args.budget, "runs": runs, "vllm_dense": vllm}
+    print(f"\n{'method':<12} {'engines':>7} {'engine alone':>13} {'job':>8} {'job/engine':>10} {'busy':>6} "
+          f"{'vs dense':>8} {'vs vLLM':>8}")
+    fmt = lambda ratio: "-" if ratio is None else format(ratio, ".2f") + "x"  # noqa: E731
+    for run in runs:
         print(f"{run['method']:<12} {run['gpu_actors']:>7} {run['engine_alone']['samples_per_s']:>13.2f} "
               f"{run['samples_per_s']:>8.2f} {run['job_vs_engine_alone']:>10.0%} {run['engine_busy_share']:>6.0%} "
-              f"{'-' if ratio is None else format(ratio, '.2f') + 'x':>8}")
+              f"{fmt(run['vs_dense_job']):>8} {fmt(run['vs_vllm_dense']):>8}")
+    if vllm:
+        print(f"vLLM offline dense on the same images (one engine, its preprocessing included): "
+              f"{vllm['samples_per_s']:.2f} rows/s")
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

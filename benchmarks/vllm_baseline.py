@@ -12,14 +12,20 @@ BENCHMARKS.md asks, so that its numbers are the ones a user would get:
 - the median of >= 3 timed runs after one warm-up run (CUDA graphs, compilation).
 The first timed run sees exactly the images our engine's rows see (seeds 0..n-1); each later run
 draws new ones. `--evs R` adds vLLM's own video token pruning (EVS) at rate R on video workloads.
+`--parquet` runs it on a job's own input images instead (benchmarks/job_throughput.py does): the
+rows split in four, a warm-up on the first quarter and one timed run on each other quarter, so
+no run sees an image twice; JPEG decoding happens before the clock, as in a job's CPU stage.
 
     python -m benchmarks.vllm_baseline --model qwen2_5_vl_7b --workloads vqa-1024,video-16f --evs 0.75 --json OUT
+    python -m benchmarks.vllm_baseline --parquet inputs.parquet --prompt "What is in the picture?" \
+        --max-new-tokens 16 --json OUT
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import statistics
 import sys
@@ -30,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.workloads import (
-    LARGE_MODELS, MIXED, WORKLOADS, default_count, load_processor, mixed_plan, prompt_for, random_media, write_model_folder)
+    LARGE_MODELS, MIXED, QUESTION, WORKLOADS, default_count, load_processor, mixed_plan, prompt_for, random_media,
+    write_model_folder)
 
 MIN_REPEATS = 3
 RUN_SEED_STRIDE = 1_000_003  # media seeds of timed run r start at r * this: no image repeats across runs
@@ -83,6 +90,38 @@ def measure(llm, sampling_params_cls, processor, workload_name: str, count: int,
             "preprocessing": "included (vLLM's own)", "prefix_caching": False, "fresh_media_per_run": True}
 
 
+def measure_parquet(llm, sampling_params_cls, processor, path: Path, question: str, max_new_tokens: int) -> dict:
+    """vLLM on a job's input images: a warm-up on the first quarter of the rows, then a timed run on
+    each of the other three (median), so that every run sees images it has not seen."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    images = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    quarter = len(images) // 4
+    if quarter == 0:
+        raise SystemExit(f"{path}: {len(images)} rows; vLLM's job baseline needs at least 4 (one per run)")
+    prompt = prompt_for(processor, WORKLOADS["vqa-1024"], question)
+    params = sampling_params_cls(max_tokens=max_new_tokens, min_tokens=max_new_tokens, ignore_eos=True,
+                                 temperature=0.0)
+
+    def run(part: int) -> float:
+        requests = [{"prompt": prompt, "multi_modal_data": {"image": Image.open(io.BytesIO(data)).convert("RGB")}}
+                    for data in images[part * quarter:(part + 1) * quarter]]
+        started = time.perf_counter()
+        outputs = llm.generate(requests, [params] * len(requests), use_tqdm=False)
+        seconds = time.perf_counter() - started
+        if any(len(output.outputs[0].token_ids) != max_new_tokens for output in outputs):
+            raise RuntimeError(f"vLLM stopped short of {max_new_tokens} tokens: the row would not do the job's work")
+        return seconds
+
+    run(0)
+    times = [run(part) for part in (1, 2, 3)]
+    seconds = statistics.median(times)
+    return {"workload": f"job:{path.name}", "system": "vllm_dense", "batch_size": quarter, "seconds": seconds,
+            "samples_per_s": quarter / seconds, "runs_s": times, "preprocessing": "included (vLLM's own; JPEG "
+            "decoding excluded)", "prefix_caching": False, "fresh_media_per_run": True}
+
+
 def engine_kwargs(folder: Path, evs: float | None, max_num_seqs: int) -> dict:
     kwargs = dict(model=str(folder), load_format="dummy", dtype="bfloat16", enable_prefix_caching=False,
                   mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 1, "video": 1}, max_num_seqs=max_num_seqs,
@@ -92,16 +131,21 @@ def engine_kwargs(folder: Path, evs: float | None, max_num_seqs: int) -> dict:
     return kwargs
 
 
+def model_folder(model_name: str) -> tuple[Path, object]:
+    """A weight-free folder of the architecture (vLLM loads it with dummy weights) and our processor."""
+    if model_name not in LARGE_MODELS:
+        raise SystemExit(f"vLLM runs the real architectures ({', '.join(LARGE_MODELS)}), not {model_name!r}")
+    folder = Path(tempfile.mkdtemp()) / model_name
+    write_model_folder(model_name, folder)
+    return folder, load_processor(model_name, folder)
+
+
 def run(model_name: str, workloads: list[str], counts: dict[str, int], repeats: int, evs: float | None,
         max_num_seqs: int = 256) -> list[dict]:
     """vLLM's rows for `workloads`: dense, and with EVS at `evs` on the video workloads."""
     from vllm import LLM, SamplingParams
 
-    if model_name not in LARGE_MODELS:
-        raise SystemExit(f"vLLM runs the real architectures ({', '.join(LARGE_MODELS)}), not {model_name!r}")
-    folder = Path(tempfile.mkdtemp()) / model_name
-    write_model_folder(model_name, folder)
-    processor = load_processor(model_name, folder)
+    folder, processor = model_folder(model_name)
     variants = [("vllm_dense", None)] + ([(f"vllm_evs{evs:g}", evs)] if evs else [])
     rows = []
     for system, rate in variants:
@@ -119,6 +163,18 @@ def run(model_name: str, workloads: list[str], counts: dict[str, int], repeats: 
     return rows
 
 
+def run_parquet(model_name: str, path: Path, question: str, max_new_tokens: int, max_num_seqs: int = 256) -> dict:
+    """vLLM dense's row on a job's input images."""
+    from vllm import LLM, SamplingParams
+
+    folder, processor = model_folder(model_name)
+    row = measure_parquet(LLM(**engine_kwargs(folder, None, max_num_seqs)), SamplingParams, processor, path,
+                          question, max_new_tokens)
+    print(f"{row['workload']:<13} vllm_dense batch {row['batch_size']:>4}: {row['samples_per_s']:8.2f} samples/s "
+          f"(runs {', '.join(f'{t:.2f}s' for t in row['runs_s'])}; its preprocessing included)", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2_5_vl_7b", choices=list(LARGE_MODELS))
@@ -127,14 +183,21 @@ def main() -> None:
                         "256 for mixed: throughput.py's)")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS)
     parser.add_argument("--evs", type=float, default=None, help="also run vLLM's EVS video pruning at this rate")
+    parser.add_argument("--parquet", type=Path, help="a job's input Parquet (an `image` column of encoded "
+                        "images): time vLLM on those images instead of the workloads")
+    parser.add_argument("--prompt", default=QUESTION, help="with --parquet: the job's question")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="with --parquet")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not vllm_available():
         raise SystemExit("vllm is not importable here: ../shared/device/stage-vllm.sh stages it for the GPU machine")
-    workloads = args.workloads.split(",")
-    counts = {w: default_count(w, tiny=False) for w in workloads}
-    counts.update({k: int(v) for k, v in (item.split("=") for item in args.counts.split(",") if item)})
-    rows = run(args.model, workloads, counts, args.repeats, args.evs)
+    if args.parquet:
+        rows = [run_parquet(args.model, args.parquet, args.prompt, args.max_new_tokens)]
+    else:
+        workloads = args.workloads.split(",")
+        counts = {w: default_count(w, tiny=False) for w in workloads}
+        counts.update({k: int(v) for k, v in (item.split("=") for item in args.counts.split(",") if item)})
+        rows = run(args.model, workloads, counts, args.repeats, args.evs)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(["python -m benchmarks.vllm_baseline", *sys.argv[1:]]),

@@ -173,11 +173,11 @@ def random_media(workload: Workload, seed: int, scale: int = 1):
     return [picture() for _ in range(workload.num_frames)] if workload.is_video else picture()
 
 
-def prompt_for(processor, workload: Workload) -> str:
+def prompt_for(processor, workload: Workload, question: str = QUESTION) -> str:
     """The chat prompt with one placeholder for the image or video (each system expands it)."""
     kind = "video" if workload.is_video else "image"
     return processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": QUESTION}]}])
+        [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}])
 
 
 def make_sample(processor, workload: Workload, seed: int, scale: int = 1) -> dict:

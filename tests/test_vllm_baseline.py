@@ -115,3 +115,29 @@ def test_engine_rows_are_compared_with_vllm_dense_on_their_own_workload():
             {"workload": "video-16f", "system": "vllm_evs0.75", "samples_per_s": 7.0}]
     compare_with_vllm(rows)
     assert [r.get("speedup_vs_vllm_dense") for r in rows] == [1.5, 2.25, None, None, None]
+
+
+def test_on_a_jobs_images_each_timed_run_takes_rows_no_other_run_saw(processor, tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    encoded = []
+    for _ in range(9):  # 9 rows: quarters of 2, the last row left out
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    path = tmp_path / "inputs.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(9)], "image": encoded}), path)
+    llm = FakeLLM()
+    row = vllm_baseline.measure_parquet(llm, FakeSamplingParams, processor, path, "What is it?", 16)
+    assert [len(requests) for requests, _ in llm.calls] == [2, 2, 2, 2]
+    digests = [media_digest(r) for requests, _ in llm.calls for r in requests]
+    assert len(set(digests)) == 8
+    assert all("What is it?" in r["prompt"] for requests, _ in llm.calls for r in requests)
+    assert row["batch_size"] == 2 and len(row["runs_s"]) == 3 and row["samples_per_s"] == 2 / row["seconds"]
+    with pytest.raises(RuntimeError, match="short"):
+        vllm_baseline.measure_parquet(FakeLLM(short=2), FakeSamplingParams, processor, path, "What is it?", 16)
