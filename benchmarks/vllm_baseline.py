@@ -42,6 +42,7 @@ from benchmarks.workloads import (
 MIN_REPEATS = 3
 RUN_SEED_STRIDE = 1_000_003  # media seeds of timed run r start at r * this: no image repeats across runs
 WARMUP_SEED = 10**9
+VIDEO_FPS = 2.0  # the frames stand for a clip sampled at 2 fps, as our processors assume
 
 
 def vllm_available() -> bool:
@@ -61,9 +62,17 @@ def requests_for(processor, plan: list[tuple], first_seed: int) -> list[dict]:
     requests = []
     for workload, seed, _ in plan:
         media = random_media(workload, first_seed + seed)
-        data = {"video": np.stack([np.asarray(frame) for frame in media])} if workload.is_video else {"image": media}
+        data = {"video": video_item(np.stack([np.asarray(f) for f in media]))} if workload.is_video else {"image": media}
         requests.append({"prompt": prompt_for(processor, workload), "multi_modal_data": data})
     return requests
+
+
+def video_item(frames: np.ndarray, fps: float = VIDEO_FPS) -> tuple[np.ndarray, dict]:
+    """uint8 (T, H, W, 3) frames with the metadata vLLM's Qwen3-VL requires (frames already sampled;
+    models that need none drop it)."""
+    count = frames.shape[0]
+    return frames, {"fps": fps, "frames_indices": list(range(count)), "total_num_frames": count,
+                    "duration": count / fps, "do_sample_frames": False}
 
 
 def measure(llm, sampling_params_cls, processor, workload_name: str, count: int, repeats: int = MIN_REPEATS) -> dict:
@@ -122,10 +131,11 @@ def measure_parquet(llm, sampling_params_cls, processor, path: Path, question: s
             "decoding excluded)", "prefix_caching": False, "fresh_media_per_run": True}
 
 
-def engine_kwargs(folder: Path, evs: float | None, max_num_seqs: int) -> dict:
+def engine_kwargs(folder: Path, evs: float | None, max_num_seqs: int, video: bool = True) -> dict:
+    """vLLM's engine arguments; only the modalities the run uses (LLaVA-1.5 has no video)."""
+    limits = {"image": 1, "video": 1} if video else {"image": 1}
     kwargs = dict(model=str(folder), load_format="dummy", dtype="bfloat16", enable_prefix_caching=False,
-                  mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 1, "video": 1}, max_num_seqs=max_num_seqs,
-                  seed=0)
+                  mm_processor_cache_gb=0, limit_mm_per_prompt=limits, max_num_seqs=max_num_seqs, seed=0)
     if evs:
         kwargs["video_pruning_rate"] = evs
     return kwargs
@@ -152,7 +162,8 @@ def run(model_name: str, workloads: list[str], counts: dict[str, int], repeats: 
         names = [w for w in workloads if rate is None or (w != MIXED and WORKLOADS[w].is_video)]
         if not names:
             continue
-        llm = LLM(**engine_kwargs(folder, rate, max_num_seqs))
+        video = any(name == MIXED or WORKLOADS[name].is_video for name in names)
+        llm = LLM(**engine_kwargs(folder, rate, max_num_seqs, video))
         for name in names:
             row = {"workload": name, "system": system, **measure(llm, SamplingParams, processor, name, counts[name],
                                                                  repeats)}
@@ -168,7 +179,7 @@ def run_parquet(model_name: str, path: Path, question: str, max_new_tokens: int,
     from vllm import LLM, SamplingParams
 
     folder, processor = model_folder(model_name)
-    row = measure_parquet(LLM(**engine_kwargs(folder, None, max_num_seqs)), SamplingParams, processor, path,
+    row = measure_parquet(LLM(**engine_kwargs(folder, None, max_num_seqs, video=False)), SamplingParams, processor, path,
                           question, max_new_tokens)
     print(f"{row['workload']:<13} vllm_dense batch {row['batch_size']:>4}: {row['samples_per_s']:8.2f} samples/s "
           f"(runs {', '.join(f'{t:.2f}s' for t in row['runs_s'])}; its preprocessing included)", flush=True)

@@ -34,7 +34,7 @@ class FakeLLM:
 
 def media_digest(request) -> str:
     data = request["multi_modal_data"]
-    pixels = data["video"] if "video" in data else np.asarray(data["image"])
+    pixels = data["video"][0] if "video" in data else np.asarray(data["image"])
     return hashlib.sha1(pixels.tobytes()).hexdigest()
 
 
@@ -69,6 +69,10 @@ def test_every_run_sees_fresh_media_and_the_first_sees_the_engines(processor, wo
         media = random_media(kind, seed)  # what throughput.py's engine rows are built from
         expected = np.stack([np.asarray(f) for f in media]) if kind.is_video else np.asarray(media)
         got = request["multi_modal_data"]["video" if kind.is_video else "image"]
+        if kind.is_video:  # frames and the metadata Qwen3-VL's parser requires
+            got, metadata = got
+            assert metadata["frames_indices"] == list(range(kind.num_frames))
+            assert metadata["total_num_frames"] == kind.num_frames and metadata["do_sample_frames"] is False
         np.testing.assert_array_equal(np.asarray(got), expected)
         placeholder = "<|video_pad|>" if kind.is_video else "<|image_pad|>"
         assert request["prompt"].count(placeholder) == 1  # vLLM expands the one placeholder itself
@@ -96,6 +100,7 @@ def test_caches_are_off_and_evs_is_opt_in(tmp_path):
     assert dense["enable_prefix_caching"] is False and dense["mm_processor_cache_gb"] == 0
     assert dense["load_format"] == "dummy" and "video_pruning_rate" not in dense
     assert vllm_baseline.engine_kwargs(tmp_path, 0.75, 64)["video_pruning_rate"] == 0.75
+    assert vllm_baseline.engine_kwargs(tmp_path, None, 64, video=False)["limit_mm_per_prompt"] == {"image": 1}
 
 
 def test_the_mixed_plan_is_ragged_and_fixed_workloads_are_not():
