@@ -20,12 +20,24 @@ TARGETS = [("vqa-1024", "none", "hf", 3.0), ("vqa-1024", "sparsevlm-128", "hf", 
            ("caption-1024", "sparsevlm-128", "hf", 4.0), ("video-16f", "sparsevlm-128", "dense", 2.5)]
 
 
-def _row(r: dict) -> str:
+# issue 16's bars against vLLM offline dense: (workload, method, target ratio)
+VLLM_TARGETS = [("vqa-1024", "sparsevlm-128", 2.2), ("video-16f", "sparsevlm-128", 2.2),
+                ("caption-1024", "sparsevlm-128", 1.6), ("vqa-1024", "none", 1.2), ("caption-1024", "none", 1.2),
+                ("video-16f", "none", 1.2)]
+
+
+def _row(r: dict, with_vllm: bool) -> str:
+    vllm = lambda text: f" {text} |" if with_vllm else ""  # noqa: E731
     if r["system"] == "hf_generate":
         return (f"| `{r['workload']}` | HF generate, batch {r['batch_size']} | {r['samples_per_s']:.2f} | 1.00x | | "
-                f"| | | | {r['peak_memory_gb']:.1f} |")
+                f"|{vllm('')} | | | {r['peak_memory_gb']:.1f} |")
+    if r["system"].startswith("vllm"):  # its preprocessing included, ours not: see vllm_baseline.py
+        name = "vLLM offline dense" if r["system"] == "vllm_dense" else f"vLLM + EVS {r['system'][len('vllm_evs'):]}"
+        return f"| `{r['workload']}` | {name} | {r['samples_per_s']:.2f} | | |{vllm('1.00x')} | | | | |"
+    ratio = r.get("speedup_vs_vllm_dense")
     return (f"| `{r['workload']}` | {r['method']} | {r['samples_per_s']:.2f} | {r['speedup_vs_hf_best']:.2f}x | "
-            f"{r['speedup_vs_engine_dense']:.2f}x | {r['n_visual_tokens_kept_mean']:.0f} / "
+            f"{r['speedup_vs_engine_dense']:.2f}x |{vllm('' if ratio is None else f'{ratio:.2f}x')} "
+            f"{r['n_visual_tokens_kept_mean']:.0f} / "
             f"{r['equiv_visual_tokens_mean']:.0f} of {r['n_visual_tokens']} | {r['vision_s']:.2f} | "
             f"{r['prefill_s']:.2f} ({r['sparse_s']:.3f}) | {r['decode_s']:.2f} | {r['peak_memory_gb']:.1f} |")
 
@@ -37,13 +49,15 @@ def _as_run_now(command: str) -> str:
 
 
 def render(report: dict) -> str:
-    rows = report["rows"]
+    rows = [r for r in report["rows"] if "error" not in r]
+    with_vllm = any(r["system"].startswith("vllm") for r in rows)
     lines = [BEGIN, "",
              f"{report['device']}, torch {report['torch']}, transformers {report['transformers']}; one run of",
              f"`{_as_run_now(report['command'])}`:", "",
-             "| workload | system | samples/s | vs HF | vs our dense | visual tokens kept (final / layer-avg) "
-             "| vision s | prefill s (sparse part) | decode s | peak GB |",
-             "|---|---|---|---|---|---|---|---|---|---|", *map(_row, rows), "",
+             "| workload | system | samples/s | vs HF | vs our dense |" + (" vs vLLM dense |" if with_vllm else "") +
+             " visual tokens kept (final / layer-avg) | vision s | prefill s (sparse part) | decode s | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_vllm else ""),
+             *(_row(r, with_vllm) for r in rows), "",
              "| target (BENCHMARKS.md) | measured | |", "|---|---|---|"]
     for workload, method, against, target in TARGETS:
         row = next((r for r in rows if r["workload"] == workload and r.get("method") == method), None)
@@ -53,6 +67,13 @@ def render(report: dict) -> str:
         name = f"{'our dense' if method == 'none' else method} vs {'HF' if against == 'hf' else 'our dense'}"
         verdict = "met" if ratio >= target else "missed"
         lines.append(f"| {name}, `{workload}` >= {target:g}x | {ratio:.2f}x | {verdict} |")
+    for workload, method, target in VLLM_TARGETS if with_vllm else ():
+        row = next((r for r in rows if r["workload"] == workload and r.get("method") == method
+                    and r.get("speedup_vs_vllm_dense") is not None), None)
+        if row is not None:
+            ratio = row["speedup_vs_vllm_dense"]
+            name = f"{'our dense' if method == 'none' else method} vs vLLM dense"
+            lines.append(f"| {name}, `{workload}` >= {target:g}x | {ratio:.2f}x | {'met' if ratio >= target else 'missed'} |")
     return "\n".join([*lines, "", END])
 
 

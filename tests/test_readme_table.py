@@ -23,3 +23,27 @@ def test_every_row_and_target_of_the_json_is_in_the_readme():
         assert f"| {row['samples_per_s']:.2f} |" in readme
     assert {r["workload"] for r in report["rows"]} == {"vqa-256", "vqa-1024", "caption-1024", "video-16f"}
     assert "sparsevlm-128 vs HF, `vqa-1024` >= 6x" in readme
+
+
+def test_vllm_rows_get_their_column_and_issue_16s_bars():
+    from benchmarks.readme_table import render
+
+    engine = dict(n_visual_tokens_kept_mean=100, equiv_visual_tokens_mean=128, n_visual_tokens=1024, vision_s=1.0,
+                  prefill_s=1.0, sparse_s=0.1, decode_s=1.0, peak_memory_gb=20.0, speedup_vs_hf_best=2.0)
+    report = {"device": "H200", "torch": "2.11", "transformers": "5.17", "command": "python -m benchmarks.throughput",
+              "rows": [{"workload": "vqa-1024", "system": "hf_generate", "batch_size": 16, "samples_per_s": 12.5,
+                        "peak_memory_gb": 30.0},
+                       {"workload": "vqa-1024", "system": "engine_none", "method": "none", "samples_per_s": 25.0,
+                        "speedup_vs_engine_dense": 1.0, "speedup_vs_vllm_dense": 1.25, **engine},
+                       {"workload": "vqa-1024", "system": "engine_sparsevlm-128", "method": "sparsevlm-128",
+                        "samples_per_s": 40.0, "speedup_vs_engine_dense": 1.6, "speedup_vs_vllm_dense": 2.0, **engine},
+                       {"workload": "vqa-1024", "system": "vllm_dense", "samples_per_s": 20.0, "batch_size": 128},
+                       {"workload": "video-16f", "system": "vllm_evs0.75", "samples_per_s": 7.0, "batch_size": 64}]}
+    table = render(report)
+    header = next(line for line in table.splitlines() if line.startswith("| workload"))
+    assert "vs vLLM dense" in header
+    widths = {line.count("|") for line in table.splitlines() if line.startswith("| `")}
+    assert widths == {header.count("|")}  # every row has the header's columns
+    assert "| `vqa-1024` | vLLM offline dense | 20.00 |" in table and "vLLM + EVS 0.75" in table
+    assert "| sparsevlm-128 vs vLLM dense, `vqa-1024` >= 2.2x | 2.00x | missed |" in table
+    assert "| our dense vs vLLM dense, `vqa-1024` >= 1.2x | 1.25x | met |" in table
