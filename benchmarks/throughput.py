@@ -243,15 +243,15 @@ def main() -> None:
         compare_with_vllm(rows)
         write_report(args, device, rows)
 
-    print(f"\n{'workload':<13} {'system':<22} {'batch':>5} {'samples/s':>10} {'vs HF best':>10} {'vs dense':>8} "
-          f"{'vs vLLM':>8} {'sparse %':>8} {'peak GB':>8}")
+    print(f"\n{'workload':<13} {'system':<22} {'batch':>5} {'samples/s':>10} {'x HF best':>10} {'x dense':>8} "
+          f"{'x vLLM':>8} {'sparse %':>8} {'peak GB':>8}")
     for row in (r for r in rows if "error" not in r):
-        fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+        fmt = lambda value, width, spec: f"{'-' if value is None else format(value, spec):>{width}}"  # noqa: E731
         share = row.get("sparse_share_of_prefill")
         print(f"{row['workload']:<13} {row['system']:<22} {row['batch_size']:>5} {row['samples_per_s']:>10.2f} "
-              f"{fmt(row.get('speedup_vs_hf_best'), '>9.2f')}x {fmt(row.get('speedup_vs_engine_dense'), '>7.2f')}x "
-              f"{fmt(row.get('speedup_vs_vllm_dense'), '>7.2f')}x "
-              f"{fmt(None if share is None else 100 * share, '>8.2f')} {fmt(row.get('peak_memory_gb'), '>8.1f')}")
+              f"{fmt(row.get('speedup_vs_hf_best'), 10, '.2f')} {fmt(row.get('speedup_vs_engine_dense'), 8, '.2f')} "
+              f"{fmt(row.get('speedup_vs_vllm_dense'), 8, '.2f')} "
+              f"{fmt(None if share is None else 100 * share, 8, '.2f')} {fmt(row.get('peak_memory_gb'), 8, '.1f')}")
     write_report(args, device, rows)
     rounded = lambda value: value and round(value, 2)  # noqa: E731
     print(json.dumps({"summary": {f"{r['workload']} {r['method']}": {
