@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,23 +119,13 @@ def run_engine_alone(source: Path, kind: str, flags: list[str]) -> dict:
             "generated_tokens": generated}
 
 
-def vllm_on_job_inputs(args, source: Path, question: str, max_new_tokens: int) -> dict | None:
+def vllm_on_job_inputs(args, source: Path, question: str, max_new_tokens: int) -> dict:
     """vLLM offline dense on the job's own images, in a child process of this call (what users run
-    instead of us: benchmarks/vllm_baseline.py), where vLLM imports; None where it does not apply."""
-    from benchmarks.vllm_baseline import vllm_available
+    instead of us: benchmarks/vllm_baseline.py)."""
+    from benchmarks import vllm_baseline
 
-    if args.vllm == "off" or args.kind != "image" or args.model == "tiny":
-        return None
-    if not vllm_available():
-        if args.vllm == "on":
-            raise SystemExit("--vllm on: vllm is not importable (../shared/device/stage-vllm.sh stages it)")
-        return None
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "vllm.json"
-        subprocess.run([sys.executable, "-m", "benchmarks.vllm_baseline", "--model", args.model, "--parquet",
-                        str(source), "--prompt", question, "--max-new-tokens", str(max_new_tokens), "--json", str(out)],
-                       check=True)
-        return json.loads(out.read_text())["rows"][0]
+    return vllm_baseline.rows_in_child("--model", args.model, "--parquet", str(source), "--prompt", question,
+                                       "--max-new-tokens", str(max_new_tokens))[0]
 
 
 def main() -> None:
@@ -166,8 +155,11 @@ def main() -> None:
     if args.prepare_only:  # runs without Ray and pydantic installed
         print(f"prepared {source} and model arguments {model_arg}")
         return
+    from benchmarks.vllm_baseline import wanted
     from pipeline.cli import main as job_main
     from pipeline.cost.metrics import run_metrics
+
+    with_vllm = wanted(args.vllm, applies=args.kind == "image" and args.model != "tiny")  # a wrong flag fails at once
 
     question = "What is in the picture? Answer in two words."
     task = ["--task", "vqa", "--prompt", question] if args.kind == "image" else ["--task", "caption"]
@@ -213,7 +205,7 @@ def main() -> None:
     dense = {r["gpu_actors"]: r["samples_per_s"] for r in runs if r["method"] == "none"}
     for run in runs:
         run["vs_dense_job"] = run["samples_per_s"] / dense[run["gpu_actors"]] if dense.get(run["gpu_actors"]) else None
-    vllm = vllm_on_job_inputs(args, source, question, int(new_tokens))
+    vllm = vllm_on_job_inputs(args, source, question, int(new_tokens)) if with_vllm else None
     for run in runs:
         run["vs_vllm_dense"] = run["samples_per_s"] / vllm["samples_per_s"] / run["gpu_actors"] \
             if vllm and run.get("samples_per_s") else None

@@ -20,9 +20,7 @@ import gc
 import json
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,8 @@ from benchmarks.workloads import (
     HF_BEST_BATCH, MIXED, MODEL_NAMES, WORKLOADS, default_count, device_for, load_model, make_mixed_samples,
     make_samples, stack_identical)
 
-from benchmarks.vllm_baseline import MIN_REPEATS, vllm_available
+from benchmarks import vllm_baseline
+from benchmarks.vllm_baseline import MIN_REPEATS, rows_in_child
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
 
 
@@ -107,28 +106,13 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
             "attention_backend": engine.backend.name}
 
 
-def use_vllm(args) -> bool:
-    if args.vllm == "off" or (args.vllm == "auto" and (args.model == "tiny" or not vllm_available())):
-        return False
-    if args.model == "tiny":
-        raise SystemExit("--vllm on needs a real architecture (--model qwen2_5_vl_7b, ...), not the tiny model")
-    if not vllm_available():
-        raise SystemExit("--vllm on: vllm is not importable (../shared/device/stage-vllm.sh stages it)")
-    return True
-
-
 def vllm_rows(args, counts: dict[str, int]) -> list[dict]:
-    """vLLM's rows on the same workloads and counts, from benchmarks/vllm_baseline.py in a child process
-    (its own CUDA context and engine processes; this process's model is gone by then)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "vllm.json"
-        command = [sys.executable, "-m", "benchmarks.vllm_baseline", "--model", args.model,
-                   "--workloads", ",".join(counts), "--counts", ",".join(f"{k}={v}" for k, v in counts.items()),
-                   "--repeats", str(max(args.repeats, MIN_REPEATS)), "--json", str(out)]
-        if args.vllm_evs:
-            command += ["--evs", str(args.vllm_evs)]
-        subprocess.run(command, check=True)
-        return json.loads(out.read_text())["rows"]
+    """vLLM's rows on the same workloads and counts (benchmarks/vllm_baseline.py, in a child process;
+    this process's model is gone by then)."""
+    arguments = ["--model", args.model, "--workloads", ",".join(counts),
+                 "--counts", ",".join(f"{k}={v}" for k, v in counts.items()),
+                 "--repeats", str(max(args.repeats, MIN_REPEATS))]
+    return rows_in_child(*arguments, *(["--evs", str(args.vllm_evs)] if args.vllm_evs else []))
 
 
 def compare_with_vllm(rows: list[dict]) -> None:
@@ -180,6 +164,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tiny = args.model == "tiny"
+    with_vllm = vllm_baseline.wanted(args.vllm, applies=not tiny)  # before the run: a wrong flag fails at once
     device = device_for(args.model)
     model, processor = load_model(args.model, str(device))
     seats = args.static_batch if args.static_batch and MIXED in args.workloads.split(",") else 128
@@ -235,7 +220,7 @@ def main() -> None:
                   f"/{row['n_visual_tokens']})", flush=True)
             write_report(args, device, rows)  # after every row: a run cut short still leaves its numbers
 
-    if use_vllm(args):
+    if with_vllm:
         del engine, model  # vLLM gets the whole GPU, in a child process of this same call
         gc.collect()
         torch.cuda.empty_cache()

@@ -28,6 +28,7 @@ import importlib.util
 import io
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,28 +76,38 @@ def video_item(frames: np.ndarray, fps: float = VIDEO_FPS) -> tuple[np.ndarray, 
                     "duration": count / fps, "do_sample_frames": False}
 
 
+def timed_generate(llm, requests: list[dict], params: list, new_tokens: list[int]) -> float:
+    """Seconds of one `generate` over `requests`; an error, not a row, if any stopped short."""
+    started = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    generated = [len(output.outputs[0].token_ids) for output in outputs]
+    if generated != new_tokens:
+        raise RuntimeError(f"vLLM stopped short: generated {generated[:8]}... tokens, asked for {new_tokens[:8]}...; "
+                           "the row would not do our rows' work")
+    return seconds
+
+
+def fixed_length(sampling_params_cls, new_tokens: list[int]) -> list:
+    return [sampling_params_cls(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0) for n in new_tokens]
+
+
+def timing_row(count: int, times: list[float], preprocessing: str) -> dict:
+    seconds = statistics.median(times)
+    return {"batch_size": count, "seconds": seconds, "samples_per_s": count / seconds, "runs_s": times,
+            "preprocessing": preprocessing, "prefix_caching": False, "fresh_media_per_run": True}
+
+
 def measure(llm, sampling_params_cls, processor, workload_name: str, count: int, repeats: int = MIN_REPEATS) -> dict:
     """Seconds per run (median of `repeats` >= 3 runs on fresh media, after a warm-up run)."""
     plan = plan_for(workload_name, count)
     new_tokens = [n for *_, n in plan]
-    params = [sampling_params_cls(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0) for n in new_tokens]
-
-    def run(first_seed: int) -> float:
-        requests = requests_for(processor, plan, first_seed)  # media made outside the clock, decoded inside
-        started = time.perf_counter()
-        outputs = llm.generate(requests, params, use_tqdm=False)
-        seconds = time.perf_counter() - started
-        generated = [len(output.outputs[0].token_ids) for output in outputs]
-        if generated != new_tokens:
-            raise RuntimeError(f"vLLM generated {generated[:8]}... tokens, asked for {new_tokens[:8]}...: "
-                               "the row would not do our rows' work")
-        return seconds
-
+    params = fixed_length(sampling_params_cls, new_tokens)
+    # media are made outside the clock, decoded and processed inside it
+    run = lambda first_seed: timed_generate(llm, requests_for(processor, plan, first_seed), params, new_tokens)  # noqa: E731
     run(WARMUP_SEED)
     times = [run(r * RUN_SEED_STRIDE) for r in range(max(repeats, MIN_REPEATS))]
-    seconds = statistics.median(times)
-    return {"batch_size": count, "seconds": seconds, "samples_per_s": count / seconds, "runs_s": times,
-            "preprocessing": "included (vLLM's own)", "prefix_caching": False, "fresh_media_per_run": True}
+    return timing_row(count, times, "included (vLLM's own)")
 
 
 def measure_parquet(llm, sampling_params_cls, processor, path: Path, question: str, max_new_tokens: int) -> dict:
@@ -110,25 +121,18 @@ def measure_parquet(llm, sampling_params_cls, processor, path: Path, question: s
     if quarter == 0:
         raise SystemExit(f"{path}: {len(images)} rows; vLLM's job baseline needs at least 4 (one per run)")
     prompt = prompt_for(processor, WORKLOADS["vqa-1024"], question)
-    params = sampling_params_cls(max_tokens=max_new_tokens, min_tokens=max_new_tokens, ignore_eos=True,
-                                 temperature=0.0)
+    new_tokens = [max_new_tokens] * quarter
+    params = fixed_length(sampling_params_cls, new_tokens)
 
     def run(part: int) -> float:
         requests = [{"prompt": prompt, "multi_modal_data": {"image": Image.open(io.BytesIO(data)).convert("RGB")}}
                     for data in images[part * quarter:(part + 1) * quarter]]
-        started = time.perf_counter()
-        outputs = llm.generate(requests, [params] * len(requests), use_tqdm=False)
-        seconds = time.perf_counter() - started
-        if any(len(output.outputs[0].token_ids) != max_new_tokens for output in outputs):
-            raise RuntimeError(f"vLLM stopped short of {max_new_tokens} tokens: the row would not do the job's work")
-        return seconds
+        return timed_generate(llm, requests, params, new_tokens)
 
     run(0)
     times = [run(part) for part in (1, 2, 3)]
-    seconds = statistics.median(times)
-    return {"workload": f"job:{path.name}", "system": "vllm_dense", "batch_size": quarter, "seconds": seconds,
-            "samples_per_s": quarter / seconds, "runs_s": times, "preprocessing": "included (vLLM's own; JPEG "
-            "decoding excluded)", "prefix_caching": False, "fresh_media_per_run": True}
+    return {"workload": f"job:{path.name}", "system": "vllm_dense",
+            **timing_row(quarter, times, "included (vLLM's own; JPEG decoding excluded)")}
 
 
 def engine_kwargs(folder: Path, evs: float | None, max_num_seqs: int, video: bool = True) -> dict:
@@ -168,8 +172,7 @@ def run(model_name: str, workloads: list[str], counts: dict[str, int], repeats: 
             row = {"workload": name, "system": system, **measure(llm, SamplingParams, processor, name, counts[name],
                                                                  repeats)}
             rows.append(row)
-            print(f"{name:<13} {system:<22} batch {row['batch_size']:>4}: {row['samples_per_s']:8.2f} samples/s "
-                  f"(runs {', '.join(f'{t:.2f}s' for t in row['runs_s'])}; its preprocessing included)", flush=True)
+            print_row(row)
         del llm
     return rows
 
@@ -181,9 +184,33 @@ def run_parquet(model_name: str, path: Path, question: str, max_new_tokens: int,
     folder, processor = model_folder(model_name)
     row = measure_parquet(LLM(**engine_kwargs(folder, None, max_num_seqs, video=False)), SamplingParams, processor, path,
                           question, max_new_tokens)
-    print(f"{row['workload']:<13} vllm_dense batch {row['batch_size']:>4}: {row['samples_per_s']:8.2f} samples/s "
-          f"(runs {', '.join(f'{t:.2f}s' for t in row['runs_s'])}; its preprocessing included)", flush=True)
+    print_row(row)
     return row
+
+
+def print_row(row: dict) -> None:
+    print(f"{row['workload']:<13} {row['system']:<22} batch {row['batch_size']:>4}: {row['samples_per_s']:8.2f} "
+          f"samples/s (runs {', '.join(f'{t:.2f}s' for t in row['runs_s'])}; its preprocessing included)", flush=True)
+
+
+def wanted(mode: str, applies: bool) -> bool:
+    """Whether a benchmark adds vLLM rows: `mode` auto|on|off; `applies`: the run is one vLLM can do."""
+    if mode == "off" or (mode == "auto" and not (applies and vllm_available())):
+        return False
+    if not applies:
+        raise SystemExit("--vllm on needs a real architecture (--model qwen2_5_vl_7b, ...) and, for jobs, images")
+    if not vllm_available():
+        raise SystemExit("--vllm on: vllm is not importable (../shared/device/stage-vllm.sh stages it)")
+    return True
+
+
+def rows_in_child(*arguments: str) -> list[dict]:
+    """This module's rows, run in a child process (its own CUDA context and engine processes): the
+    callers' benchmarks free the GPU first and run vLLM in the same call."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "vllm.json"
+        subprocess.run([sys.executable, "-m", "benchmarks.vllm_baseline", *arguments, "--json", str(out)], check=True)
+        return json.loads(out.read_text())["rows"]
 
 
 def main() -> None:
