@@ -26,6 +26,7 @@ from pyarrow import fs
 from schemas import JobConfig
 from schemas.rows import empty_row, output_schema
 
+from . import cluster
 from .model_source import EMBEDDED_MODEL, EMBEDDED_NAMES, REPO, check_model
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def run_job(config: JobConfig, kind: str) -> Plan:
     from .preprocess import Preprocessor
 
     plan = plan_job(config, kind)
-    ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+    cluster.connect()
     id_column = config.input.id_column
     dataset = ray.data.read_parquet(plan.input_uri)
     if config.input.limit:
