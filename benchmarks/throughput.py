@@ -132,6 +132,7 @@ def write_report(args, device: torch.device, rows: list[dict]) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
+        "compile_decode": not args.no_compile_decode,
         "fused_vision": not args.no_fused_vision, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +155,8 @@ def main() -> None:
                         "groups of this many (0: skip), beside continuous batching with as many seats")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-compile-vision", action="store_true")
+    parser.add_argument("--no-compile-decode", action="store_true", help="decode steps through the decoder "
+                        "layers as loaded (not torch.compile'd)")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto", help="vLLM offline dense rows in "
@@ -170,6 +173,7 @@ def main() -> None:
     seats = args.static_batch if args.static_batch and MIXED in args.workloads.split(",") else 128
     engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                     compile_vision=not args.no_compile_vision,
+                                                                    compile_decode=not args.no_compile_decode,
                                                                     fused_vision=not args.no_fused_vision,
                                                                     max_num_seqs=seats))
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]

@@ -47,11 +47,12 @@ class PrefillMeta:
 
 @dataclass
 class DecodeMeta:
-    """One decode step: one new token per active sample; every layer has its own cache lengths."""
+    """One layer of a decode step: one new token per active sample (each layer has its own
+    cache lengths, so the runner hands every layer its own)."""
 
-    slot_mapping: torch.Tensor  # (L, B) long: where the new token's K/V goes, per layer
-    starts: torch.Tensor  # (L, B) int32: first cache slot of each sample, per layer
-    lengths: torch.Tensor  # (L, B) int32: cached tokens including the new one, per layer
+    slot_mapping: torch.Tensor  # (B,) long: where the new token's K/V goes
+    starts: torch.Tensor  # (B,) int32: first cache slot of each sample
+    lengths: torch.Tensor  # (B,) int32: cached tokens including the new one
 
 
 @dataclass
@@ -178,9 +179,14 @@ def _(q, k, v, length, scale):
     return torch.empty_like(q)
 
 
+@torch.compiler.disable
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      sparsevlm_ctx: ForwardContext | None = None, **kwargs):
-    """transformers attention signature: q (1, Hq, T, D), k/v (1, Hkv, T, D) -> ((1, T, Hq, D), None)."""
+    """transformers attention signature: q (1, Hq, T, D), k/v (1, Hkv, T, D) -> ((1, T, Hq, D), None).
+
+    Never traced: compiled decoder layers break their graph here and run it as it is, so the
+    KV pool's in-place writes stay writes (a traced mutation of the pool could be functionalised
+    into a copy of all of it)."""
     if sparsevlm_ctx is None:
         raise RuntimeError("sparsevlm packed attention was called outside VLMEngine; "
                            "call the model through VLMEngine.generate or use model.generate")
@@ -193,10 +199,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         if ctx.prefill.capture:
             ctx.prefill.captured = (q, k)
     else:
-        layer, meta = module.layer_idx, ctx.decode
-        ctx.cache.write(meta.slot_mapping[layer], k, v)
-        out = ctx.backend.decode(q.contiguous(), ctx.cache.keys, ctx.cache.values, meta.starts[layer],
-                                 meta.lengths[layer], scale)
+        meta = ctx.decode
+        ctx.cache.write(meta.slot_mapping, k, v)
+        out = ctx.backend.decode(q.contiguous(), ctx.cache.keys, ctx.cache.values, meta.starts, meta.lengths, scale)
     return out[None], None
 
 

@@ -248,6 +248,9 @@ class EngineConfig:
     cuda_graphs: capture decode steps per batch-size bucket on CUDA.
     compile_vision: torch.compile the vision tower's blocks on CUDA (fuses its fp32 norms and
         rotary math; the first batch pays the compilation).
+    compile_decode: torch.compile the decoder layers for decode steps on CUDA (fuses each
+        layer's norms, rotary and activation; start-up pays the compilation, the decode graphs
+        replay the result).
     fused_vision: on CUDA, the vision tower's window attention through our Triton kernel
         (kernels/window_attention.py), same-size images' full attention as one batched cuDNN
         call, and a Conv3d patch embedding as the one GEMM it is; False runs transformers'
@@ -262,6 +265,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     compile_vision: bool = True
+    compile_decode: bool = True
     fused_vision: bool = True
     graph_batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
 

@@ -48,6 +48,19 @@ class _Clock:
         return start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
 
 
+def compiled_decode_layers(layers, backend: str = "inductor") -> list:
+    """`layers` compiled for decode steps, once for all of them: a layer's code and shapes are the
+    same at every depth, and after the second batch size the batch dimension turns dynamic, so
+    the buckets share one compilation.
+
+    At decode batch sizes a layer is ~50 small kernels whose fixed costs outweigh its weights'
+    streaming; compiled, its norms, rotary and activation fuse around the GEMMs. Our attention
+    breaks the graph (`packed_attention` is never traced), so each layer compiles as the pieces
+    before and after it. Only decode steps use these: prefill and `model.generate` keep the
+    modules as loaded."""
+    return [torch.compile(layer, backend=backend) for layer in layers]
+
+
 class ModelRunner:
     def __init__(self, adapter: ModelAdapter, config: EngineConfig):
         self.adapter = adapter
@@ -66,10 +79,29 @@ class ModelRunner:
         self._members: tuple[int, ...] = ()  # request ids of the last decode batch, and its static columns
         self._static: tuple[np.ndarray, np.ndarray] | None = None
         self._pinned: dict[int, torch.Tensor] = {}  # decode input blocks by width (each step syncs before reuse)
+        self.decode_layers = list(adapter.layers)
+        if config.compile_decode and self.device.type == "cuda":
+            self.decode_layers = compiled_decode_layers(adapter.layers)
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
-            largest = min(config.max_num_seqs, max(config.graph_batch_buckets))
-            self.graphs = DecodeGraphs(self, sorted({b for b in config.graph_batch_buckets if b < largest} | {largest}))
+            self._capture_decode_graphs()
+
+    def _capture_decode_graphs(self) -> None:
+        """Decode graphs per bucket, over compiled layers if asked; a compiled layer that fails to
+        trace or capture costs its speed, not the engine: the eager layers are exact too."""
+        config = self.config
+        largest = min(config.max_num_seqs, max(config.graph_batch_buckets))
+        buckets = sorted({b for b in config.graph_batch_buckets if b < largest} | {largest})
+        try:
+            self.graphs = DecodeGraphs(self, buckets)
+            self.graphs.capture_all()
+        except Exception as error:  # noqa: BLE001 - any compiler failure; eager capture re-raises real faults
+            if self.decode_layers == list(self.adapter.layers):
+                raise
+            logger.warning("compiled decode layers failed (%s: %s); decoding with eager layers",
+                           type(error).__name__, error)
+            self.decode_layers = list(self.adapter.layers)
+            self.graphs = DecodeGraphs(self, buckets)
             self.graphs.capture_all()
 
     @staticmethod
@@ -249,9 +281,9 @@ class ModelRunner:
         starts, lengths (L, B) per layer. Graph-capturable: no host syncs."""
         hidden = self.adapter.embed_tokens(tokens)[None]  # 1, B, H
         rotary = self.adapter.rotary(hidden, self.adapter.decode_positions(positions))
-        ctx = ForwardContext(self.pool, self.backend, decode=DecodeMeta(slot_mapping=slots, starts=starts,
-                                                                        lengths=lengths))
-        for layer in self.adapter.layers:
+        ctx = ForwardContext(self.pool, self.backend)
+        for index, layer in enumerate(self.decode_layers):
+            ctx.decode = DecodeMeta(slot_mapping=slots[index], starts=starts[index], lengths=lengths[index])
             hidden = self._layer(layer, hidden, rotary, ctx)
         return self.adapter.lm_head(self.adapter.norm(hidden[0]))
 
