@@ -132,7 +132,7 @@ def write_report(args, device: torch.device, rows: list[dict]) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
-        "compile_decode": not args.no_compile_decode,
+        "compile_decode": not args.no_compile_decode, "compile_prefill": args.compile_prefill,
         "fused_vision": not args.no_fused_vision, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--no-compile-vision", action="store_true")
     parser.add_argument("--no-compile-decode", action="store_true", help="decode steps through the decoder "
                         "layers as loaded (not torch.compile'd)")
+    parser.add_argument("--compile-prefill", action="store_true", help="prefill packs through the compiled "
+                        "decoder layers too (EngineConfig.compile_prefill)")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto", help="vLLM offline dense rows in "
@@ -174,6 +176,7 @@ def main() -> None:
     engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                     compile_vision=not args.no_compile_vision,
                                                                     compile_decode=not args.no_compile_decode,
+                                                                    compile_prefill=args.compile_prefill,
                                                                     fused_vision=not args.no_fused_vision,
                                                                     max_num_seqs=seats))
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]

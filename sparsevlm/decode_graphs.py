@@ -49,6 +49,7 @@ class DecodeGraphs:
     def bucket(self, batch_size: int) -> int:
         return next(b for b in self.buckets if b >= batch_size)
 
+    @torch.inference_mode()  # as decode steps run: compiled layers are traced for inference, saving nothing
     def capture_all(self) -> None:
         for bucket in self.buckets:
             self._graphs[bucket] = self._capture(bucket)

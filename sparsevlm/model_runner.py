@@ -48,16 +48,15 @@ class _Clock:
         return start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
 
 
-def compiled_decode_layers(layers, backend: str = "inductor") -> list:
-    """`layers` compiled for decode steps, once for all of them: a layer's code and shapes are the
-    same at every depth, and after the second batch size the batch dimension turns dynamic, so
-    the buckets share one compilation.
+def compiled_layers(layers, backend: str = "inductor") -> list:
+    """`layers` torch.compile'd for the engine's forwards, one compilation for all of them: a layer's
+    code is the same at every depth, and once a second token count has been seen that dimension is
+    dynamic, so every decode bucket (and prefill pack) shares the graphs.
 
     At decode batch sizes a layer is ~50 small kernels whose fixed costs outweigh its weights'
     streaming; compiled, its norms, rotary and activation fuse around the GEMMs. Our attention
     breaks the graph (`packed_attention` is never traced), so each layer compiles as the pieces
-    before and after it. Only decode steps use these: prefill and `model.generate` keep the
-    modules as loaded."""
+    before and after it. `model.generate` keeps the modules as loaded."""
     return [torch.compile(layer, backend=backend) for layer in layers]
 
 
@@ -79,9 +78,10 @@ class ModelRunner:
         self._members: tuple[int, ...] = ()  # request ids of the last decode batch, and its static columns
         self._static: tuple[np.ndarray, np.ndarray] | None = None
         self._pinned: dict[int, torch.Tensor] = {}  # decode input blocks by width (each step syncs before reuse)
-        self.decode_layers = list(adapter.layers)
-        if config.compile_decode and self.device.type == "cuda":
-            self.decode_layers = compiled_decode_layers(adapter.layers)
+        compiled = compiled_layers(adapter.layers) if self.device.type == "cuda" and (
+            config.compile_decode or config.compile_prefill) else None
+        self.decode_layers = compiled if compiled and config.compile_decode else list(adapter.layers)
+        self.prefill_layers = compiled if compiled and config.compile_prefill else list(adapter.layers)
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
             self._capture_decode_graphs()
@@ -158,7 +158,7 @@ class ModelRunner:
             sparse_spans.append(self.clock.mark())
         rotary = self.adapter.rotary(hidden[None], positions)
         ctx = ForwardContext(self.pool, self.backend)
-        for layer_idx, layer in enumerate(self.adapter.layers):
+        for layer_idx, layer in enumerate(self.prefill_layers):
             ctx.prefill = PrefillMeta(
                 cu_seqlens=stream.cu_seqlens, cu_seqlens_list=stream.offsets, max_seqlen=stream.max_length,
                 slot_mapping=stream.slot_mapping(layer_starts[layer_idx]),

@@ -61,8 +61,8 @@ def test_sparse_keep_everything_equals_dense_and_graphs_equal_eager(gpu_engine):
 def test_compiled_decode_step_matches_eager_layers(gpu_engine):
     """One decode step through inductor-compiled layers against the layers as loaded, on the same
     cache. bf16: fused kernels round intermediates differently, so logits agree to 5% of their
-    largest magnitude (the CPU test holds compiled decoding to `generate` exactly, in fp32)."""
-    from sparsevlm.model_runner import compiled_decode_layers
+    largest magnitude (tests/test_compiled_layers.py holds compiled layers to `generate` exactly, in fp32 on CPU)."""
+    from sparsevlm.model_runner import compiled_layers
 
     engine = VLMEngine(gpu_engine.model, gpu_engine.processor,
                        engine_config=EngineConfig(cuda_graphs=False, compile_decode=False))
@@ -73,7 +73,7 @@ def test_compiled_decode_step_matches_eager_layers(gpu_engine):
     inputs = runner.decode_inputs.views(runner._to_device(runner._decode_block(batch)))
     with torch.inference_mode():
         eager = runner.decode_logits(*inputs).float()
-        runner.decode_layers = compiled_decode_layers(runner.adapter.layers)
+        runner.decode_layers = compiled_layers(runner.adapter.layers)
         compiled = runner.decode_logits(*inputs).float()
     assert compiled.shape == eager.shape == (len(batch), eager.shape[1])
     assert (compiled - eager).abs().max() <= 0.05 * eager.abs().max()

@@ -1,0 +1,64 @@
+"""Compiled decoder layers (EngineConfig.compile_decode / compile_prefill) against the layers as loaded.
+
+On CPU the layers compile with the `aot_eager` backend: dynamo traces them and AOTAutograd
+builds their graphs exactly as on the GPU, while the arithmetic stays torch's own, so the
+tokens must equal `model.generate` exactly (fp32), and a pruned run must equal the uncompiled
+engine's pruned run. The GPU test in test_engine_gpu.py runs inductor's kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import mixed_samples
+from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
+from sparsevlm.model_runner import compiled_layers
+
+from test_engine_matches_generate import reference_tokens
+
+MAX_NEW = [6, 3, 9, 4, 1, 7, 5, 8]
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "llava"])
+def engine(request, tiny_checkpoints):
+    return VLMEngine.from_pretrained(tiny_checkpoints[request.param], dtype=torch.float32, device="cpu",
+                                     engine_config=EngineConfig(max_num_seqs=3))
+
+
+def compiled_run(engine, samples, params, sparsity=None):
+    """`engine.generate` with compiled layers for prefill and decode (what compile_prefill adds to the
+    GPU default, compile_decode), then the layers as loaded again."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runner = engine.runner
+    layers = compiled_layers(runner.adapter.layers, backend="aot_eager")
+    runner.decode_layers = runner.prefill_layers = layers
+    try:
+        return engine.generate(samples, params, sparsity=sparsity)
+    finally:
+        runner.decode_layers = runner.prefill_layers = list(runner.adapter.layers)
+
+
+def test_compiled_layers_equal_generate(engine):
+    samples = mixed_samples(engine.processor, seed=3)
+    params = [SamplingParams(max_new_tokens=n) for n in MAX_NEW]
+    references = [reference_tokens(engine, s, p.max_new_tokens) for s, p in zip(samples, params)]
+    results = compiled_run(engine, samples, params)
+    assert [r.token_ids for r in results] == references
+    # every layer, batch size (1..3 seats) and pack shares the compiled graphs: their number does not
+    # grow with depth (the tiny decoders have 4 layers; a recompile per layer would give >= 4 per piece)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 0 < graphs <= 16, graphs
+
+
+def test_compiled_prefill_prunes_as_the_layers_as_loaded(engine):
+    """Pruning reads the captured q/k of its layers and regathers the stream between layers."""
+    samples = mixed_samples(engine.processor, seed=4)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    sparsity = SparsityConfig(method="sparsevlm", keep_ratio=0.3)
+    expected = engine.generate(samples, params, sparsity=sparsity)
+    results = compiled_run(engine, samples, params, sparsity=sparsity)
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert [r.stats.kept_visual_positions for r in results] == [r.stats.kept_visual_positions for r in expected]
+    assert any(r.stats.n_visual_tokens_kept < r.stats.n_visual_tokens for r in results)
