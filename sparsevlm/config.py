@@ -246,8 +246,9 @@ class EngineConfig:
         each sizes its KV pool inside its share, not from what the others left free).
     attention_backend: "auto" (flash-attn, else torch varlen on CUDA, else SDPA) or a name.
     cuda_graphs: capture decode steps per batch-size bucket on CUDA.
-    compile_vision: torch.compile the vision tower's blocks on CUDA (fuses its fp32 norms and
-        rotary math; the first batch pays the compilation).
+    compile_vision: torch.compile the vision tower's blocks on CUDA (Qwen's blocks, CLIP's and
+        SigLIP's encoder layers: fuses their norms, activations and rotary math; the first batch
+        pays the compilation; a compiler failure falls back to the model's own, logged).
     compile_decode: torch.compile the decoder layers for decode steps on CUDA (fuses each
         layer's norms, rotary and activation; start-up pays the compilation, the decode graphs
         replay the result).

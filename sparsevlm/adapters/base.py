@@ -10,9 +10,13 @@ Everything else in the engine is family-agnostic.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class ModelAdapter:
         self.model = model
         self.device = model.lm_head.weight.device
         self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._tower_swaps: dict[tuple[int, str], tuple[torch.nn.Module, str, torch.nn.Module]] = {}
 
     @classmethod
     def load_processor(cls, path_or_id, config):
@@ -202,11 +207,32 @@ class ModelAdapter:
             residuals.append(full[visual])
         return residuals
 
-    def compile_vision(self) -> None:
-        """Optionally torch.compile the vision tower for the engine's own calls."""
+    def compile_vision(self, backend: str = "inductor") -> None:
+        """Optionally torch.compile the vision tower's blocks for the engine's own calls."""
 
     def fuse_vision(self) -> None:
         """Optionally swap in the engine's fused vision modules for its own calls (CUDA)."""
+
+    # -- the engine's own modules in the vision tower ------------------------------------------------
+    def use_in_tower(self, parent: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+        """Run `module` as `parent.<name>` inside the engine's tower calls (`run_tower`); the model
+        itself, and `model.generate`, keep their own."""
+        self._tower_swaps[(id(parent), name)] = (parent, name, module)
+
+    def run_tower(self, call):
+        """`call()` with the engine's tower modules in place. A compiler failure (tracing or backend:
+        never a device fault) gives them up for good, logged, and the call runs on the model's own."""
+        swaps = list(self._tower_swaps.values())
+        if not swaps:
+            return call()
+        try:
+            with _swapped(swaps):
+                return call()
+        except torch._dynamo.exc.TorchDynamoException as error:
+            logger.warning("the engine's vision-tower modules failed to compile (%s); running the model's own",
+                           str(error).splitlines()[0] if str(error) else type(error).__name__)
+            self._tower_swaps = {}
+            return call()
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         """hidden (1, T, H), positions (P, T) -> what decoder layers take as `position_embeddings`."""
@@ -258,3 +284,20 @@ class RoPE1D:
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.rotary_emb.inv_freq.float()
         return inv_freq, torch.zeros_like(inv_freq, dtype=torch.long)  # one position component
+
+
+def compiled_blocks(blocks: torch.nn.ModuleList, backend: str = "inductor") -> torch.nn.ModuleList:
+    """A tower's repeated blocks, each torch.compile'd (dynamic shapes: packs differ in size)."""
+    return torch.nn.ModuleList(torch.compile(block, dynamic=True, backend=backend) for block in blocks)
+
+
+@contextlib.contextmanager
+def _swapped(swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]]):
+    originals = [(parent, name, getattr(parent, name)) for parent, name, _ in swaps]
+    for parent, name, module in swaps:
+        setattr(parent, name, module)
+    try:
+        yield
+    finally:
+        for parent, name, module in originals:
+            setattr(parent, name, module)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..preprocess import TokenizerFacade, library_normalization_table, normalize_frames
-from .base import ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids
+from .base import ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids, compiled_blocks
 
 logger = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -177,6 +177,11 @@ class LlavaAdapter(RoPE1D, ModelAdapter):
     def prepare(self, sample: dict, index: int) -> PreparedSample:
         return self.preparer.prepare(sample, index, pin=self.device.type == "cuda")
 
+    def compile_vision(self, backend: str = "inductor") -> None:
+        """The CLIP tower's encoder layers compiled (LayerNorm, QuickGELU and residuals fuse)."""
+        encoder = self.inner.vision_tower.encoder
+        self.use_in_tower(encoder, "layers", compiled_blocks(encoder.layers, backend))
+
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         """One tower call over every image of the pack (all the same size), then the projector."""
         features = VisualFeatures()
@@ -187,8 +192,9 @@ class LlavaAdapter(RoPE1D, ModelAdapter):
         dtype = self.inner.vision_tower.dtype
         pixels = torch.cat([self.pixels(s).to(dtype) for s in chosen])
         config = self.model.config
-        output = self.inner.get_image_features(pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
-                                               vision_feature_select_strategy=config.vision_feature_select_strategy)
+        output = self.run_tower(lambda: self.inner.get_image_features(
+            pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy))
         per_image = getattr(output, "pooler_output", output)  # a list of (tokens, H) (transformers 5) or a tensor
         features.by_token_id[config.image_token_id] = torch.cat(list(per_image))
         return features

@@ -24,7 +24,7 @@ import torch
 from ..preprocess import (
     TokenizerFacade, VisionPreprocessConfig, _to_rgb_uint8, expand_placeholders, library_normalization_table,
     normalization_table, normalize_frames, resize_frame)
-from .base import ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids
+from .base import ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids, compiled_blocks
 
 IMAGE, VIDEO = "<image>", "<video>"
 
@@ -300,6 +300,11 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
                              "OnevisionProcessor")
         return [normalize_frames(item, self._tables[kind]) for item in items]
 
+    def compile_vision(self, backend: str = "inductor") -> None:
+        """The SigLIP tower's encoder layers compiled (LayerNorm, GELU and residuals fuse)."""
+        encoder = self.inner.vision_tower.encoder
+        self.use_in_tower(encoder, "layers", compiled_blocks(encoder.layers, backend))
+
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         """Every image tile of the pack in one tower call (the model's own packing, newlines and
         unpadding), each video through the model's own pooled path."""
@@ -311,11 +316,11 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
         if with_images:
             tiles = torch.cat([t for s in with_images for t in self.pixels(s, "image_tiles")]).to(dtype)
             sizes = torch.cat([s.visual_inputs["image_sizes"] for s in with_images]).to(self.device)
-            output = self.inner.get_image_features(
+            output = self.run_tower(lambda: self.inner.get_image_features(
                 pixel_values=tiles, image_sizes=sizes, vision_feature_layer=config.vision_feature_layer,
                 vision_feature_select_strategy=config.vision_feature_select_strategy,
                 vision_aspect_ratio=config.vision_aspect_ratio,
-                batch_num_images=[n for s in with_images for n in s.visual_inputs["batch_num_images"]])
+                batch_num_images=[n for s in with_images for n in s.visual_inputs["batch_num_images"]]))
             features.by_token_id[config.image_token_id] = torch.cat(list(getattr(output, "pooler_output", output)))
         videos = [v for s in samples if "video_frames" in s.visual_inputs for v in self.pixels(s, "video_frames")]
         if videos:
@@ -328,9 +333,9 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
         transformers 5.24's `get_video_features` appends the newline, 5.17's leaves it to the model's
         forward: add it where the library did not."""
         config = self.model.config
-        out = self.inner.get_video_features(  # positional: transformers 5.17 names it pixel_values
+        out = self.run_tower(lambda: self.inner.get_video_features(  # positional: 5.17 names it pixel_values
             video[None].to(dtype), vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy)
+            vision_feature_select_strategy=config.vision_feature_select_strategy))
         rows = getattr(out, "pooler_output", out).flatten(0, 1)
         side = config.vision_config.image_size // config.vision_config.patch_size
         if rows.shape[0] == video_token_count(side, video.shape[0]) - 1:

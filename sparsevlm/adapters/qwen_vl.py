@@ -17,15 +17,13 @@ bit for bit as the processor does it on the CPU.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..attention import VISION_ATTENTION_NAME, attention_implementation
 from ..preprocess import (
     IMAGE_PAD, TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, VIDEO_PAD, QwenVLProcessor, normalization_table, normalize_frames,
     patchify, resized_image)
-from .base import ModelAdapter, PreparedSample, VisualFeatures, checked_input_ids
+from .base import ModelAdapter, PreparedSample, VisualFeatures, checked_input_ids, compiled_blocks
 
 _VISUAL_KINDS = (  # (token type, pixel key, grid key, kind name)
     (TOKEN_TYPE_IMAGE, "pixel_values", "image_grid_thw", "image"),
@@ -168,8 +166,6 @@ class QwenVLAdapter(ModelAdapter):
         self.preparer = QwenVLPreparer(model.config, inner.get_rope_index)
         self.token_ids = self.preparer.token_ids
         self._pixel_configs: dict[str, tuple] = {}  # kind -> (preprocess config, device normalisation table)
-        self._compiled_blocks: torch.nn.ModuleList | None = None
-        self._linear_patch_embed: PatchEmbedAsLinear | None = None
 
     @classmethod
     def load_processor(cls, path_or_id, config) -> QwenVLProcessor:
@@ -203,14 +199,12 @@ class QwenVLAdapter(ModelAdapter):
     def prepare(self, sample: dict, index: int) -> PreparedSample:
         return self.preparer.prepare(sample, index, pin=self.device.type == "cuda")
 
-    def compile_vision(self) -> None:
-        """Compile each vision block (dynamic shapes); used only inside `encode_visual`, so the
-        model itself, and `model.generate`, stay as loaded."""
-        self._compiled_blocks = torch.nn.ModuleList(torch.compile(block, dynamic=True) for block in self.visual.blocks)
+    def compile_vision(self, backend: str = "inductor") -> None:
+        self.use_in_tower(self.visual, "blocks", compiled_blocks(self.visual.blocks, backend))
 
     def fuse_vision(self) -> None:
-        """The patch embedding as one GEMM inside `encode_visual` (the model keeps its Conv3d)."""
-        self._linear_patch_embed = PatchEmbedAsLinear(self.visual.patch_embed)
+        """The patch embedding as one GEMM inside the engine's tower calls (the model keeps its Conv3d)."""
+        self.use_in_tower(self.visual, "patch_embed", PatchEmbedAsLinear(self.visual.patch_embed))
 
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         """One vision-tower call per kind over all images (videos) of the pack, varlen attention."""
@@ -223,8 +217,8 @@ class QwenVLAdapter(ModelAdapter):
             pixels = torch.cat([self._patches(s, pixel_key, kind) for s in chosen])
             grid = torch.cat([s.visual_inputs[grid_key] for s in chosen])
             grid = (grid.pin_memory() if self.device.type == "cuda" else grid).to(self.device, non_blocking=True)
-            with attention_implementation(self.visual.config, VISION_ATTENTION_NAME), self._vision_blocks():
-                output = self.visual(pixels, grid_thw=grid, sparsevlm_backend=backend)
+            with attention_implementation(self.visual.config, VISION_ATTENTION_NAME):
+                output = self.run_tower(lambda: self.visual(pixels, grid_thw=grid, sparsevlm_backend=backend))
             token_id = self.token_ids[token_type]
             features.by_token_id[token_id] = output.pooler_output
             if getattr(output, "deepstack_features", None):
@@ -243,20 +237,6 @@ class QwenVLAdapter(ModelAdapter):
         cfg, table = self._pixel_configs[kind]
         return torch.cat([patchify(normalize_frames(frames, table), cfg)[0].to(dtype)
                           for frames in self.uploaded(sample, f"{kind}_frames")])
-
-    @contextlib.contextmanager
-    def _vision_blocks(self):
-        """The engine's own modules in the tower for one call: compiled blocks, the GEMM patch embedding."""
-        swaps = {name: module for name, module in (("blocks", self._compiled_blocks),
-                                                   ("patch_embed", self._linear_patch_embed)) if module is not None}
-        originals = {name: getattr(self.visual, name) for name in swaps}
-        for name, module in swaps.items():
-            setattr(self.visual, name, module)
-        try:
-            yield
-        finally:
-            for name, module in originals.items():
-                setattr(self.visual, name, module)
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         return self.rotary_emb(hidden, positions[:, None, :])
