@@ -46,8 +46,10 @@ def wilson_interval(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def run(engine: VLMEngine, seed: int, n: int, sparsity: SparsityConfig, max_pixels: int | None = None,
-        batch_size: int = 32, qtypes: tuple[str, ...] = scenes.IMAGE_TYPES + scenes.VIDEO_TYPES) -> dict:
-    """Accuracy of one configuration on the n scenes of `seed` (cycling through `qtypes`)."""
+        batch_size: int = 32, qtypes: tuple[str, ...] = scenes.IMAGE_TYPES + scenes.VIDEO_TYPES,
+        keep_answers: bool = False) -> dict:
+    """Accuracy of one configuration on the n scenes of `seed` (cycling through `qtypes`);
+    `keep_answers` adds every answer, in scene order (to compare two runs answer by answer)."""
     processor = engine.processor
     if max_pixels:  # lower resolution: the same scenes, resized smaller before the vision tower
         image_cfg, video_cfg = processor.image_cfg, processor.video_cfg
@@ -70,7 +72,8 @@ def run(engine: VLMEngine, seed: int, n: int, sparsity: SparsityConfig, max_pixe
     scored = scenes.score(answered)
     return {**scored, "ci95": wilson_interval(round(scored["accuracy"] * scored["n"]), scored["n"]),
             "visual_tokens_mean": sum(visual) / len(visual), "equiv_visual_tokens_mean": sum(equiv) / len(equiv),
-            "final_visual_tokens_mean": sum(final) / len(final), "seconds": time.perf_counter() - started}
+            "final_visual_tokens_mean": sum(final) / len(final), "seconds": time.perf_counter() - started,
+            **({"answers": [text for _, text in answered]} if keep_answers else {})}
 
 
 def sweep_configs(visual_tokens: float) -> list[tuple[str, SparsityConfig, int | None]]:

@@ -9,7 +9,8 @@ excluded), then profiled once with torch.profiler. Kernel names are sorted into 
 classes; "host gap" is wall time minus device-busy time (the GPU waiting on Python).
 Variants: `engine` (what the engine runs: blocks compiled, window kernel, GEMM patch
 embedding), `unfused` (compiled blocks over transformers' own modules: the engine before the
-fused path), `eager` (transformers' modules, no torch.compile).
+fused path), `eager` (transformers' modules, no torch.compile), `fp8` (`engine` with the
+linear layers in FP8, `EngineConfig.vision_fp8`; its share is still of the bf16 limit).
 """
 
 from __future__ import annotations
@@ -129,7 +130,10 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         small = dict(max_cache_tokens=4096, cuda_graphs=False)  # the tower alone needs no KV pool or graphs
-        config = EngineConfig(**small, compile_vision=variant != "eager", fused_vision=variant == "engine")
+        if variant not in ("engine", "unfused", "eager", "fp8"):
+            parser.error(f"unknown variant {variant!r}: engine, unfused, eager or fp8")
+        config = EngineConfig(**small, compile_vision=variant != "eager", fused_vision=variant in ("engine", "fp8"),
+                              vision_fp8=variant == "fp8")
         engine = VLMEngine(model, processor, engine_config=config)
         seconds, profile = measure(engine, samples, args.repeats)
         ms_per_image = 1e3 * seconds / args.images

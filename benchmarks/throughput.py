@@ -133,7 +133,7 @@ def write_report(args, device: torch.device, rows: list[dict]) -> None:
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
         "compile_decode": not args.no_compile_decode, "compile_prefill": args.compile_prefill,
-        "fused_vision": not args.no_fused_vision, "rows": rows,
+        "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
@@ -161,6 +161,8 @@ def main() -> None:
                         "decoder layers too (EngineConfig.compile_prefill)")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
+    parser.add_argument("--vision-fp8", action="store_true", help="the vision tower's linear layers in FP8 "
+                        "(EngineConfig.vision_fp8; changes the numbers: see benchmarks/fp8_accuracy.py)")
     parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto", help="vLLM offline dense rows in "
                         "the same call (auto: when vllm imports and the model is a real architecture)")
     parser.add_argument("--vllm-evs", type=float, default=None, help="also vLLM with EVS video pruning at this "
@@ -178,6 +180,7 @@ def main() -> None:
                                                                     compile_decode=not args.no_compile_decode,
                                                                     compile_prefill=args.compile_prefill,
                                                                     fused_vision=not args.no_fused_vision,
+                                                                    vision_fp8=args.vision_fp8,
                                                                     max_num_seqs=seats))
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]
     rows, counts = [], {}

@@ -258,6 +258,10 @@ class EngineConfig:
         (kernels/window_attention.py), same-size images' full attention as one batched cuDNN
         call, and a Conv3d patch embedding as the one GEMM it is; False runs transformers'
         modules with FlashAttention varlen (the reference benchmarks compare with).
+    vision_fp8: the vision tower's and projector's linear layers multiply in FP8 (e4m3, a scale
+        per weight row and per token; sparsevlm/fp8.py) inside the engine's calls; needs FP8
+        tensor cores on CUDA (compute capability >= 8.9), runs torch's reference kernels on CPU.
+        Off by default: it changes the numbers (README, The vision tower, for its accuracy).
     """
 
     max_prefill_tokens: int = 32768
@@ -271,6 +275,7 @@ class EngineConfig:
     compile_decode: bool = True
     compile_prefill: bool = False
     fused_vision: bool = True
+    vision_fp8: bool = False
     graph_batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from .adapters import ModelAdapter
 from .attention import AttentionBackend, DecodeMeta, ForwardContext, PrefillMeta, route_text_attention
 from .config import EngineConfig, SparsityConfig
 from .decode_graphs import DecodeGraphs, DecodeInputs
+from .fp8 import check_fp8_device
 from .kv_cache import KVPool
 from .pruning.pack import PrunedPack
 from .pruning.schedule import budget_schedule, plan_sample, prefill_flops
@@ -73,6 +74,9 @@ class ModelRunner:
             adapter.compile_vision()
         if config.fused_vision and self.device.type == "cuda":
             adapter.fuse_vision()
+        if config.vision_fp8:
+            check_fp8_device(self.device)
+            logger.info("vision tower: %d linear layers in FP8 (e4m3, per-row scales)", adapter.quantize_vision())
         self.pool = KVPool(self._pool_slots(), adapter.num_kv_heads, adapter.head_dim, self.dtype, self.device)
         self.decode_inputs = DecodeInputs(adapter.num_layers)
         self._members: tuple[int, ...] = ()  # request ids of the last decode batch, and its static columns

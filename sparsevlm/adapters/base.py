@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..fp8 import fp8_replacements
+
 logger = logging.getLogger(__name__)
 
 
@@ -212,6 +214,18 @@ class ModelAdapter:
 
     def fuse_vision(self) -> None:
         """Optionally swap in the engine's fused vision modules for its own calls (CUDA)."""
+
+    def tower_roots(self) -> list[torch.nn.Module]:
+        """The modules that turn pixels into the decoder's visual rows (tower and projector)."""
+        raise NotImplementedError
+
+    def quantize_vision(self) -> int:
+        """Every linear layer of the tower and projector as an FP8 copy inside the engine's tower
+        calls (sparsevlm/fp8.py); returns how many."""
+        replacements = fp8_replacements(self.tower_roots())
+        for parent, name, module in replacements:
+            self.use_in_tower(parent, name, module)
+        return len(replacements)
 
     # -- the engine's own modules in the vision tower ------------------------------------------------
     def use_in_tower(self, parent: torch.nn.Module, name: str, module: torch.nn.Module) -> None:

@@ -177,6 +177,9 @@ class LlavaAdapter(RoPE1D, ModelAdapter):
     def prepare(self, sample: dict, index: int) -> PreparedSample:
         return self.preparer.prepare(sample, index, pin=self.device.type == "cuda")
 
+    def tower_roots(self) -> list[torch.nn.Module]:
+        return [self.inner.vision_tower, self.inner.multi_modal_projector]
+
     def compile_vision(self, backend: str = "inductor") -> None:
         """The CLIP tower's encoder layers compiled (LayerNorm, QuickGELU and residuals fuse)."""
         encoder = self.inner.vision_tower.encoder

@@ -300,6 +300,9 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
                              "OnevisionProcessor")
         return [normalize_frames(item, self._tables[kind]) for item in items]
 
+    def tower_roots(self) -> list[torch.nn.Module]:
+        return [self.inner.vision_tower, self.inner.multi_modal_projector]
+
     def compile_vision(self, backend: str = "inductor") -> None:
         """The SigLIP tower's encoder layers compiled (LayerNorm, GELU and residuals fuse)."""
         encoder = self.inner.vision_tower.encoder

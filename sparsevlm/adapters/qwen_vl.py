@@ -202,6 +202,9 @@ class QwenVLAdapter(ModelAdapter):
     def compile_vision(self, backend: str = "inductor") -> None:
         self.use_in_tower(self.visual, "blocks", compiled_blocks(self.visual.blocks, backend))
 
+    def tower_roots(self) -> list[torch.nn.Module]:
+        return [self.visual]  # blocks and merger (Qwen3-VL's DeepStack mergers too)
+
     def fuse_vision(self) -> None:
         """The patch embedding as one GEMM inside the engine's tower calls (the model keeps its Conv3d)."""
         self.use_in_tower(self.visual, "patch_embed", PatchEmbedAsLinear(self.visual.patch_embed))
