@@ -24,7 +24,7 @@ from pipeline.model_source import PROBE_PATH
 from sparsevlm import EngineConfig, SparsityConfig, VLMEngine
 
 
-def compare(model: Path, seed: int, n: int, labels: list[str], batch_size: int) -> list[dict]:
+def compare(model: Path, seed: int, n: int, labels: list[str], batch_size: int, on_row=lambda rows: None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     reference = VLMEngine.from_pretrained(str(model), dtype=dtype, device=device)
@@ -43,6 +43,7 @@ def compare(model: Path, seed: int, n: int, labels: list[str], batch_size: int) 
         rows.append(row)
         print(f"{label:<16} accuracy {row['reference_accuracy']:.3f} -> FP8 {row['fp8_accuracy']:.3f}, "
               f"same answer {row['agreement']:.1%}", flush=True)
+        on_row(rows)
     return rows
 
 
@@ -68,14 +69,18 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         parser.error(f"no model at {args.model}")
-    rows = compare(args.model, args.seed, args.n, args.methods.split(","), args.batch_size)
     precision = "bf16" if torch.cuda.is_available() else "fp32"
+
+    def write(rows: list[dict]) -> None:  # after every row: a long run cut short keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "command": " ".join(["python -m benchmarks.fp8_accuracy", *sys.argv[1:]]), "model": str(args.model),
+                "seed": args.seed, "n": args.n, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "reference_precision": precision, "rows": rows}, indent=2))
+
+    rows = compare(args.model, args.seed, args.n, args.methods.split(","), args.batch_size, on_row=write)
     print(table(rows, precision))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": " ".join(["python -m benchmarks.fp8_accuracy", *sys.argv[1:]]),
-                                         "model": str(args.model), "seed": args.seed, "n": args.n,
-                                         "reference_precision": precision, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

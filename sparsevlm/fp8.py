@@ -65,8 +65,10 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
         values, scales = quantize_rows(x.reshape(-1, self.in_features), self.weight_t.shape[0])
-        out = torch._scaled_mm(values, self.weight_t, scale_a=scales, scale_b=self.weight_scale, out_dtype=x.dtype)
-        out = out[:, :self.out_features]
+        # CUDA's per-row-scaled kernels write bf16 only (an fp16 or fp32 tower gets it cast back)
+        out_dtype = torch.bfloat16 if values.is_cuda else x.dtype
+        out = torch._scaled_mm(values, self.weight_t, scale_a=scales, scale_b=self.weight_scale, out_dtype=out_dtype)
+        out = out[:, :self.out_features].to(x.dtype)
         if self.bias is not None:  # added here rather than in the GEMM: compiled, it fuses into the next kernel
             out = out + self.bias.to(out.dtype)
         return out.reshape(*leading, self.out_features)
