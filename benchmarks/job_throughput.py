@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--method", default="sparsevlm", help="comma-separated: none, sparsevlm, ...; one "
                                                                 "engine-alone run and one job run each")
     parser.add_argument("--budget", default="128")
+    parser.add_argument("--vision-fp8", action="store_true", help="the vision tower's GEMMs in FP8, in the job and "
+                        "in the engine-alone run (model.vision_fp8)")
     parser.add_argument("--max-new-tokens", default=None, help="default: 16 for images (vqa), 64 for videos")
     parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto", help="vLLM offline dense on the "
                         "same images after the job runs (auto: image jobs on the 7B architecture, where vllm imports)")
@@ -166,7 +168,8 @@ def main() -> None:
     new_tokens = args.max_new_tokens or ("16" if args.kind == "image" else "64")
     runs = []
     for method in args.method.split(","):
-        flags = ["--method", method, "--max-new-tokens", new_tokens, "--num-frames", "16", *task, *model_arg]
+        flags = ["--method", method, "--max-new-tokens", new_tokens, "--num-frames", "16", *task, *model_arg,
+                 *(["--vision-fp8"] if args.vision_fp8 else [])]
         if method != "none":
             flags += ["--budget", args.budget]
         engine_alone = run_engine_alone(source, args.kind, flags)

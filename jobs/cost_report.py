@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="rows per engine call (default: the job's, 64)")
     p.add_argument("--gpu-actors", type=int, help="engines, one GPU each (default: all GPUs)")
     p.add_argument("--cpu-actors", type=int, help="decode/preprocess actors (default: the job's, 2)")
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated: dense, dense-lowres or "
+                   "sparsity labels, each optionally ending in @fp8 (vision GEMMs in FP8) (default: %(default)s)")
     p.add_argument("--lowres-max-pixels", type=int,
                    help="pixels per image or frame of dense-lowres (default: a quarter of the dense run's)")
     p.add_argument("--baseline", default="dense", help="the run others are compared with (default: dense)")

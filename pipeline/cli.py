@@ -74,6 +74,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                         f"write it), e.g. sparsevlm-128+tau=0.2; other sparsity flags apply on top. Labels: "
                         f"{LABEL_GRAMMAR}")
     p.add_argument("--budget", help="sparsity budget: a preset (64, 96, 128, 192) or a keep ratio (0 < r <= 1)")
+    p.add_argument("--vision-fp8", action="store_true", help="the vision tower's GEMMs in FP8 (Ada or Hopper GPU) "
+                                                             "[model.vision_fp8]")
     p.add_argument("--rank-adaptive", action="store_true", help="sparsevlm keeps floor(rank_scale * rank(R) + "
                                                                 "rank_bias) tokens, at most the budget")
     p.add_argument("--no-resume", action="store_true", help="refuse to write into an output that has results")
@@ -90,6 +92,8 @@ def overrides(args: argparse.Namespace) -> dict:
     values |= {field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field) is not None}
     if args.rank_adaptive:
         values["sparsity.rank_adaptive"] = True
+    if args.vision_fp8:
+        values["model.vision_fp8"] = True
     if args.budget is not None:
         budget = float(args.budget)
         values["sparsity.preset" if budget > 1 else "sparsity.keep_ratio"] = int(budget) if budget > 1 else budget

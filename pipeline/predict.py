@@ -55,7 +55,9 @@ class Predictor:
         self.engine = VLMEngine.from_pretrained(resolve_model(model_path), dtype=dtype, device=device,
                                                 sparsity=self.sparsity,
                                                 engine_config=EngineConfig(max_num_seqs=resources.max_num_seqs,
-                                                                          gpu_share=resources.gpus_per_actor))
+                                                                          gpu_share=resources.gpus_per_actor,
+                                                                          vision_fp8=model.vision_fp8))
+        self.vision_precision = "fp8" if model.vision_fp8 else str(dtype).removeprefix("torch.")
         self.loop = EngineLoop(self.engine)
         self.params = SamplingParams(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
                                      top_p=generation.top_p, seed=generation.seed)
@@ -110,7 +112,8 @@ class Predictor:
         out = []
         for i, row in enumerate(rows):
             record = dict.fromkeys(OUTPUT_COLUMNS)
-            record.update(row, model=self.model_name, method=self.sparsity.label, worker=self.worker,
+            record.update(row, model=self.model_name, method=self.sparsity.label,
+                          vision_precision=self.vision_precision, worker=self.worker,
                           batch=number, device=self.device)
             out.append(record)
         for i, (result, finished_at) in results.items():

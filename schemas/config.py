@@ -39,6 +39,9 @@ class InputConfig(_Section):
 class ModelConfig(_Section):
     path: str | None = Field(None, description="local path or hub id; default: the embedded offline model")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    vision_fp8: bool = Field(False, description="the vision tower's and projector's GEMMs in FP8 (e4m3; needs an "
+                                                "Ada or Hopper GPU; changes the answers a little: README, FP8 "
+                                                "vision GEMMs)")
 
 
 class SparsitySection(_Section):

@@ -16,6 +16,8 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("error", pa.string(), "null when the row succeeded; else '<stage>: <what failed and why>'"),
     ("model", pa.string(), "model path or hub id"),
     ("method", pa.string(), "sparsification, e.g. none or sparsevlm-128"),
+    ("vision_precision", pa.string(), "the vision tower's GEMMs: the model's dtype (bfloat16, float32), or fp8 "
+                                      "(model.vision_fp8)"),
     ("media_kind", pa.string(), "image, video or none"),
     ("frames_sampled", pa.int32(), "video frames decoded (0 for images)"),
     ("n_prompt_tokens", pa.int32(), "prompt tokens, visual ones included"),

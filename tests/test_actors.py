@@ -91,3 +91,18 @@ def test_the_gpu_stage_rebuilds_the_cpu_stage_sample_exactly():
         alone = engine.generate([sample], predictor.params)[0]
         assert row["output"] == alone.text and row["n_generated_tokens"] == len(alone.token_ids)
     predictor.loop.close()
+
+
+def test_vision_fp8_reaches_the_engine_and_every_row_says_so():
+    config = JobConfig.load(overrides={"generation.max_new_tokens": 2, "model.vision_fp8": True})
+    photos = pq.read_table(SAMPLES / "images.parquet").slice(0, 2)
+    stage = Preprocessor(TINY_MODEL, "image", config.input, config.media, config.generation)(photos)
+    predictor = Predictor(TINY_MODEL, "tiny", config.model, config.sparsity, config.generation, config.resources)
+    assert predictor.engine.config.vision_fp8 and predictor.engine.adapter._tower_swaps
+    rows = _call(predictor, stage).to_pylist()
+    assert [(r["vision_precision"], r["error"]) for r in rows] == [("fp8", None)] * 2
+    predictor.loop.close()
+    plain = JobConfig.load(overrides={"generation.max_new_tokens": 2})
+    predictor = Predictor(TINY_MODEL, "tiny", plain.model, plain.sparsity, plain.generation, plain.resources)
+    assert {r["vision_precision"] for r in _call(predictor, stage).to_pylist()} == {"float32"}  # CPU runs fp32
+    predictor.loop.close()

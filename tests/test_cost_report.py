@@ -21,7 +21,11 @@ def test_configuration_names():
     assert overrides_for("fastv-0.25") == {"sparsity.method": "fastv", "sparsity.keep_ratio": 0.25}
     assert overrides_for("sparsevlm_v2") == {"sparsity.method": "sparsevlm_v2"}
     assert overrides_for("dense-lowres", 1000) == {"sparsity.method": "none", "media.max_pixels": 1000}
-    for bad in ("sparse-128", "fastv-many", "lowres"):
+    assert overrides_for("sparsevlm-128@fp8") == {"sparsity.method": "sparsevlm", "sparsity.preset": 128,
+                                                  "model.vision_fp8": True}
+    assert overrides_for("dense-lowres@fp8", 1000) == {"sparsity.method": "none", "media.max_pixels": 1000,
+                                                       "model.vision_fp8": True}
+    for bad in ("sparse-128", "fastv-many", "lowres", "dense@fp16"):
         with pytest.raises(ValueError, match="configuration"):
             overrides_for(bad)
     assert DEFAULT_CONFIGS[0] == "dense" and "dense-lowres" in DEFAULT_CONFIGS

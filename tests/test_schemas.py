@@ -96,3 +96,16 @@ def test_sparsity_rules_are_the_engines():
 
     with pytest.raises(SystemExit):
         parser("").parse_args(["--schedule", "2-300"])
+
+
+def test_vision_fp8_from_yaml_and_from_the_flag(tmp_path):
+    from pipeline.cli import overrides, parser
+
+    assert JobConfig.load().model.vision_fp8 is False
+    path = tmp_path / "job.yaml"
+    path.write_text("model:\n  vision_fp8: true\n")
+    assert JobConfig.load(path).model.vision_fp8 is True
+    assert JobConfig.load(overrides=overrides(parser("").parse_args(["--vision-fp8"]))).model.vision_fp8 is True
+    path.write_text("model:\n  vision_fp8: maybe\n")
+    with pytest.raises(ConfigError, match="vision_fp8"):
+        JobConfig.load(path)

@@ -1,5 +1,6 @@
 """Report configurations by name: "dense", "dense-lowres", or a sparsity label (sparsevlm/config.py:
-"sparsevlm-128", "fastv-r0.25", "sparsevlm-2:300,6:200+recycle=off"; the older "fastv-0.25" too).
+"sparsevlm-128", "fastv-r0.25", "sparsevlm-2:300,6:200+recycle=off"; the older "fastv-0.25" too), each
+optionally ending in "@fp8": the same with the vision tower's GEMMs in FP8 (model.vision_fp8).
 
 A preset (64, 96, 128, 192) is the paper's layer-averaged token count for 576 visual tokens,
 scaled by each sample's count.
@@ -17,9 +18,15 @@ DEFAULT_CONFIGS = ("dense", "sparsevlm-192", "sparsevlm-128", "sparsevlm-64", "f
                    "dense-lowres")
 
 
+FP8_SUFFIX = "@fp8"
+
+
 def overrides_for(name: str, lowres_max_pixels: int | None = None) -> dict:
     """Job-config overrides ({"section.field": value}) of a configuration name: dense, dense-lowres, or any
-    sparsity label (what a run writes in its method column: none, sparsevlm-128, fastv-r0.25, ...)."""
+    sparsity label (what a run writes in its method column: none, sparsevlm-128, fastv-r0.25, ...), each
+    optionally with the FP8 suffix."""
+    if name.endswith(FP8_SUFFIX):
+        return overrides_for(name.removesuffix(FP8_SUFFIX), lowres_max_pixels) | {"model.vision_fp8": True}
     if name in ("dense", "none"):
         return {"sparsity.method": "none"}
     if name == "dense-lowres":

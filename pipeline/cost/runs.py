@@ -8,7 +8,7 @@ from pathlib import Path
 from schemas import JobConfig
 
 from ..run import run_job
-from .configs import overrides_for, quarter_resolution_pixels
+from .configs import FP8_SUFFIX, overrides_for, quarter_resolution_pixels
 from .report import Run
 
 
@@ -24,7 +24,7 @@ def run_configurations(names: list[str], kind: str, common: dict, config_file: s
         if output.exists() and any(output.iterdir()):
             raise ValueError(f"{output} already holds a run; choose another --output or report on it with "
                              "--from-runs")
-        if name == "dense-lowres" and not lowres_max_pixels:
+        if name.removesuffix(FP8_SUFFIX) == "dense-lowres" and not lowres_max_pixels:
             dense = next((run for run in runs if run.name == "dense"), None)
             if dense is None:
                 raise ValueError("dense-lowres needs --lowres-max-pixels or a dense run before it")
