@@ -24,13 +24,13 @@ from pipeline.model_source import PROBE_PATH
 from sparsevlm import EngineConfig, SparsityConfig, VLMEngine
 
 
-def compare(model: Path, seed: int, n: int, labels: list[str], batch_size: int, on_row=lambda rows: None) -> list[dict]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def compare(model: Path, seed: int, n: int, labels: list[str], batch_size: int, device: str,
+            on_row=lambda rows: None) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     reference = VLMEngine.from_pretrained(str(model), dtype=dtype, device=device)
     fp8 = VLMEngine(reference.model, reference.processor, engine_config=EngineConfig(vision_fp8=True))
-    is_v3 = reference.adapter.model_types == ("llava",)  # probe v3 answers image questions only
-    qtypes = scenes.IMAGE_TYPES if is_v3 else scenes.IMAGE_TYPES + scenes.VIDEO_TYPES
+    takes_video = "video" in reference.adapter.media_kinds  # probe v3 (LLaVA-shaped) answers image questions only
+    qtypes = scenes.IMAGE_TYPES + (scenes.VIDEO_TYPES if takes_video else ())
     rows = []
     for label in labels:
         sparsity = SparsityConfig.parse(label)
@@ -69,17 +69,18 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         parser.error(f"no model at {args.model}")
-    precision = "bf16" if torch.cuda.is_available() else "fp32"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = "bf16" if device == "cuda" else "fp32"
 
     def write(rows: list[dict]) -> None:  # after every row: a long run cut short keeps what it measured
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({
                 "command": " ".join(["python -m benchmarks.fp8_accuracy", *sys.argv[1:]]), "model": str(args.model),
-                "seed": args.seed, "n": args.n, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "seed": args.seed, "n": args.n, "device": device,
                 "reference_precision": precision, "rows": rows}, indent=2))
 
-    rows = compare(args.model, args.seed, args.n, args.methods.split(","), args.batch_size, on_row=write)
+    rows = compare(args.model, args.seed, args.n, args.methods.split(","), args.batch_size, device, on_row=write)
     print(table(rows, precision))
 
 
