@@ -37,7 +37,8 @@ def _cells(r: dict) -> dict[str, str]:
         return {**cells, "system": f"HF generate, batch {r['batch_size']}", "vs HF": "1.00x",
                 "peak GB": f"{r['peak_memory_gb']:.1f}"}
     if r["system"].startswith("vllm"):  # its preprocessing included, ours not: see vllm_baseline.py
-        name = "vLLM offline dense" if r["system"] == "vllm_dense" else f"vLLM + EVS {r['system'][len('vllm_evs'):]}"
+        name = {"vllm_dense": "vLLM offline dense", "vllm_fp8": "vLLM offline, its FP8"}.get(
+            r["system"], f"vLLM + EVS {r['system'][len('vllm_evs'):]}")
         return {**cells, "system": name, "vs vLLM dense": "1.00x"}
     ratio = lambda key: None if r.get(key) is None else f"{r[key]:.2f}x"  # noqa: E731 - None: not in this run
     cells.update({"system": r["method"], "vs HF": ratio("speedup_vs_hf_best"),

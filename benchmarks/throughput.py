@@ -106,21 +106,89 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
             "attention_backend": engine.backend.name}
 
 
+VISION_FP8_RUNS = {"off": (False,), "on": (True,), "both": (False, True)}
+FP8_SUFFIX = "@fp8"  # an engine row with FP8 vision GEMMs: system and method end in it
+
+
+def make_inputs(processor, name: str, count: int, model_name: str) -> tuple[list[dict], list[int], object]:
+    """A workload's samples, their new-token counts, and its Workload (None for `mixed`)."""
+    if name == MIXED:
+        samples, new_tokens = make_mixed_samples(processor, count, model_name)
+        return samples, new_tokens, None
+    workload = WORKLOADS[name]
+    return make_samples(processor, workload, count, model_name), [workload.max_new_tokens] * count, workload
+
+
+def hf_rows(args, model, name: str, inputs: tuple, device: torch.device) -> list[dict]:
+    """HF `generate` at each of the workload's batch sizes (none on `mixed`)."""
+    samples, _, workload = inputs
+    sizes = args.hf_batch_sizes if args.hf_batch_sizes is not None else \
+        ("1,4" if args.model == "tiny" else str(HF_BEST_BATCH[name]))
+    rows = []
+    for batch_size in [int(b) for b in sizes.split(",") if b and workload is not None]:
+        try:
+            row = run_hf(model, samples[0], batch_size, workload.max_new_tokens, args.repeats, device)
+        except torch.cuda.OutOfMemoryError:  # HF's batch that does not fit is a result, not a crash
+            torch.cuda.empty_cache()
+            rows.append({"workload": name, "system": "hf_generate", "batch_size": batch_size,
+                         "error": "CUDA out of memory"})
+            print(f"{name:<13} hf_generate  batch {batch_size:>4}: out of memory", flush=True)
+            continue
+        rows.append({"workload": name, **row})
+        print(f"{name:<13} hf_generate  batch {batch_size:>4}: {row['samples_per_s']:8.2f} samples/s", flush=True)
+    return rows
+
+
+def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list[SparsityConfig], vision_fp8: bool,
+                rows: list[dict]) -> None:
+    """The engine's rows for one workload (static batching beside on `mixed`), appended to `rows`;
+    ratios are against this precision's own dense and static rows."""
+    samples, new_tokens, _ = inputs
+    suffix = FP8_SUFFIX if vision_fp8 else ""
+    hf_best = max((r["samples_per_s"] for r in rows if r["workload"] == name and r["system"] == "hf_generate"
+                   and "error" not in r), default=None)
+    dense = None
+    for sparsity in methods:
+        if name == MIXED and args.static_batch:
+            row = run_engine(engine, samples, new_tokens, args.repeats, sparsity, static_batch=args.static_batch)
+            row.update(system=row["system"] + suffix, method=row["method"] + suffix, vision_fp8=vision_fp8)
+            rows.append({"workload": name, **row})
+            print(f"{name:<13} {row['system']:<22} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s",
+                  flush=True)
+        row = run_engine(engine, samples, new_tokens, args.repeats, sparsity)
+        row.update(system=row["system"] + suffix, method=row["method"] + suffix, vision_fp8=vision_fp8)
+        dense = row["samples_per_s"] if sparsity.method == "none" else dense
+        static = [r for r in rows if r["workload"] == name and r.get("batching", "").startswith("static")
+                  and r["method"] == row["method"]]
+        row["speedup_vs_static"] = row["samples_per_s"] / static[-1]["samples_per_s"] if static else None
+        row["speedup_vs_hf_best"] = row["samples_per_s"] / hf_best if hf_best else None
+        row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense if dense else None
+        rows.append({"workload": name, **row})
+        print(f"{name:<13} {row['system']:<22} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s "
+              f"(vision {row['vision_s']:.2f}s prefill {row['prefill_s']:.2f}s of which sparse "
+              f"{row['sparse_s']:.3f}s, decode {row['decode_s']:.2f}s; kept {row['n_visual_tokens_kept_mean']:.0f}"
+              f"/{row['n_visual_tokens']})", flush=True)
+
+
 def vllm_rows(args, counts: dict[str, int]) -> list[dict]:
     """vLLM's rows on the same workloads and counts (benchmarks/vllm_baseline.py, in a child process;
     this process's model is gone by then)."""
     arguments = ["--model", args.model, "--workloads", ",".join(counts),
                  "--counts", ",".join(f"{k}={v}" for k, v in counts.items()),
                  "--repeats", str(max(args.repeats, MIN_REPEATS))]
-    return rows_in_child(*arguments, *(["--evs", str(args.vllm_evs)] if args.vllm_evs else []))
+    return rows_in_child(*arguments, *(["--evs", str(args.vllm_evs)] if args.vllm_evs else []),
+                         *(["--fp8"] if args.vllm_fp8 else []))
 
 
 def compare_with_vllm(rows: list[dict]) -> None:
-    """Each engine row's speed against vLLM dense on its workload."""
+    """Each engine row's speed against vLLM dense on its workload (and against vLLM FP8 where it ran)."""
     for row in rows:
-        dense = next((r for r in rows if r["workload"] == row["workload"] and r["system"] == "vllm_dense"), None)
-        if dense and not row["system"].startswith("vllm") and "error" not in row:
-            row["speedup_vs_vllm_dense"] = row["samples_per_s"] / dense["samples_per_s"]
+        if row["system"].startswith("vllm") or "error" in row:
+            continue
+        for system in ("vllm_dense", "vllm_fp8"):
+            base = next((r for r in rows if r["workload"] == row["workload"] and r["system"] == system), None)
+            if base:
+                row[f"speedup_vs_{system}"] = row["samples_per_s"] / base["samples_per_s"]
 
 
 def write_report(args, device: torch.device, rows: list[dict]) -> None:
@@ -161,12 +229,15 @@ def main() -> None:
                         "decoder layers too (EngineConfig.compile_prefill)")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
-    parser.add_argument("--vision-fp8", action="store_true", help="the vision tower's linear layers in FP8 "
-                        "(EngineConfig.vision_fp8; changes the numbers: see benchmarks/fp8_accuracy.py)")
+    parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
+                        help="the vision tower's linear layers in FP8 (EngineConfig.vision_fp8; changes the numbers: "
+                        "see benchmarks/fp8_accuracy.py); both: the model's precision, then FP8 (rows end in @fp8)")
     parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto", help="vLLM offline dense rows in "
                         "the same call (auto: when vllm imports and the model is a real architecture)")
     parser.add_argument("--vllm-evs", type=float, default=None, help="also vLLM with EVS video pruning at this "
                         "rate, on video workloads (e.g. 0.75)")
+    parser.add_argument("--vllm-fp8", action="store_true", help="also vLLM with its own FP8 quantization (the "
+                        "fair partner of --vision-fp8; it quantizes the language model too)")
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
@@ -175,63 +246,28 @@ def main() -> None:
     device = device_for(args.model)
     model, processor = load_model(args.model, str(device))
     seats = args.static_batch if args.static_batch and MIXED in args.workloads.split(",") else 128
-    engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
-                                                                    compile_vision=not args.no_compile_vision,
-                                                                    compile_decode=not args.no_compile_decode,
-                                                                    compile_prefill=args.compile_prefill,
-                                                                    fused_vision=not args.no_fused_vision,
-                                                                    vision_fp8=args.vision_fp8,
-                                                                    max_num_seqs=seats))
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]
-    rows, counts = [], {}
-    for name in args.workloads.split(","):
-        n = args.num_samples or default_count(name, tiny)
-        counts[name] = n
-        if name == MIXED:
-            samples, new_tokens = make_mixed_samples(processor, n, args.model)
-            workload = None
-        else:
-            workload = WORKLOADS[name]
-            samples = make_samples(processor, workload, n, args.model)
-            new_tokens = [workload.max_new_tokens] * n
-        sizes = args.hf_batch_sizes if args.hf_batch_sizes is not None else \
-            ("1,4" if tiny else str(HF_BEST_BATCH[name]))
-        for batch_size in [int(b) for b in sizes.split(",") if b and workload is not None]:
-            try:
-                row = run_hf(model, samples[0], batch_size, workload.max_new_tokens, args.repeats, device)
-            except torch.cuda.OutOfMemoryError:  # HF's batch that does not fit is a result, not a crash
-                torch.cuda.empty_cache()
-                rows.append({"workload": name, "system": "hf_generate", "batch_size": batch_size,
-                             "error": "CUDA out of memory"})
-                print(f"{name:<13} hf_generate  batch {batch_size:>4}: out of memory", flush=True)
-                continue
-            rows.append({"workload": name, **row})
-            print(f"{name:<13} hf_generate  batch {batch_size:>4}: {row['samples_per_s']:8.2f} samples/s", flush=True)
-        hf_best = max((r["samples_per_s"] for r in rows if r["workload"] == name and r["system"] == "hf_generate"
-                       and "error" not in r), default=None)
-        dense = None
-        for sparsity in methods:
-            if name == MIXED and args.static_batch:
-                row = run_engine(engine, samples, new_tokens, args.repeats, sparsity, static_batch=args.static_batch)
-                rows.append({"workload": name, **row})
-                print(f"{name:<13} {row['system']:<22} batch {n:>4}: {row['samples_per_s']:8.2f} samples/s",
-                      flush=True)
-            row = run_engine(engine, samples, new_tokens, args.repeats, sparsity)
-            dense = row["samples_per_s"] if sparsity.method == "none" else dense
-            static = [r for r in rows if r["workload"] == name and r.get("batching", "").startswith("static")
-                      and r["method"] == sparsity.label]
-            row["speedup_vs_static"] = row["samples_per_s"] / static[-1]["samples_per_s"] if static else None
-            row["speedup_vs_hf_best"] = row["samples_per_s"] / hf_best if hf_best else None
-            row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense if dense else None
-            rows.append({"workload": name, **row})
-            print(f"{name:<13} {row['system']:<22} batch {n:>4}: {row['samples_per_s']:8.2f} samples/s "
-                  f"(vision {row['vision_s']:.2f}s prefill {row['prefill_s']:.2f}s of which sparse "
-                  f"{row['sparse_s']:.3f}s, decode {row['decode_s']:.2f}s; kept {row['n_visual_tokens_kept_mean']:.0f}"
-                  f"/{row['n_visual_tokens']})", flush=True)
-            write_report(args, device, rows)  # after every row: a run cut short still leaves its numbers
+    rows, counts, inputs = [], {}, {}
+    for vision_fp8 in VISION_FP8_RUNS[args.vision_fp8]:
+        engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
+                                                                        compile_vision=not args.no_compile_vision,
+                                                                        compile_decode=not args.no_compile_decode,
+                                                                        compile_prefill=args.compile_prefill,
+                                                                        fused_vision=not args.no_fused_vision,
+                                                                        vision_fp8=vision_fp8, max_num_seqs=seats))
+        for name in args.workloads.split(","):
+            if name not in inputs:  # made once: every precision sees the same samples
+                counts[name] = args.num_samples or default_count(name, tiny)
+                inputs[name] = make_inputs(processor, name, counts[name], args.model)
+                rows += hf_rows(args, model, name, inputs[name], device)
+            run_methods(args, engine, name, inputs[name], methods, vision_fp8, rows)
+            write_report(args, device, rows)  # after every workload: a run cut short still leaves its numbers
+        del engine  # its KV pool and graphs leave before the next precision's engine sizes its own
+        gc.collect()
+        torch.cuda.empty_cache()
 
     if with_vllm:
-        del engine, model  # vLLM gets the whole GPU, in a child process of this same call
+        del model  # vLLM gets the whole GPU, in a child process of this same call
         gc.collect()
         torch.cuda.empty_cache()
         rows += vllm_rows(args, counts)

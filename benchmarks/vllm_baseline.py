@@ -135,13 +135,17 @@ def measure_parquet(llm, sampling_params_cls, processor, path: Path, question: s
             **timing_row(quarter, times, "included (vLLM's own; JPEG decoding excluded)")}
 
 
-def engine_kwargs(folder: Path, evs: float | None, max_num_seqs: int, video: bool = True) -> dict:
-    """vLLM's engine arguments; only the modalities the run uses (LLaVA-1.5 has no video)."""
+def engine_kwargs(folder: Path, evs: float | None, max_num_seqs: int, video: bool = True,
+                  quantization: str | None = None) -> dict:
+    """vLLM's engine arguments; only the modalities the run uses (LLaVA-1.5 has no video);
+    `quantization` "fp8": its dynamic FP8 (e4m3 weights and activations) on every linear layer it quantizes."""
     limits = {"image": 1, "video": 1} if video else {"image": 1}
     kwargs = dict(model=str(folder), load_format="dummy", dtype="bfloat16", enable_prefix_caching=False,
                   mm_processor_cache_gb=0, limit_mm_per_prompt=limits, max_num_seqs=max_num_seqs, seed=0)
     if evs:
         kwargs["video_pruning_rate"] = evs
+    if quantization:
+        kwargs["quantization"] = quantization
     return kwargs
 
 
@@ -155,19 +159,21 @@ def model_folder(model_name: str) -> tuple[Path, object]:
 
 
 def run(model_name: str, workloads: list[str], counts: dict[str, int], repeats: int, evs: float | None,
-        max_num_seqs: int = 256) -> list[dict]:
-    """vLLM's rows for `workloads`: dense, and with EVS at `evs` on the video workloads."""
+        max_num_seqs: int = 256, fp8: bool = False) -> list[dict]:
+    """vLLM's rows for `workloads`: dense, with EVS at `evs` on the video workloads, and with `fp8`
+    its FP8 quantization (system vllm_fp8)."""
     from vllm import LLM, SamplingParams
 
     folder, processor = model_folder(model_name)
-    variants = [("vllm_dense", None)] + ([(f"vllm_evs{evs:g}", evs)] if evs else [])
+    variants = [("vllm_dense", None, None)] + ([(f"vllm_evs{evs:g}", evs, None)] if evs else []) + \
+        ([("vllm_fp8", None, "fp8")] if fp8 else [])
     rows = []
-    for system, rate in variants:
+    for system, rate, quantization in variants:
         names = [w for w in workloads if rate is None or (w != MIXED and WORKLOADS[w].is_video)]
         if not names:
             continue
         video = any(name == MIXED or WORKLOADS[name].is_video for name in names)
-        llm = LLM(**engine_kwargs(folder, rate, max_num_seqs, video))
+        llm = LLM(**engine_kwargs(folder, rate, max_num_seqs, video, quantization))
         for name in names:
             row = {"workload": name, "system": system, **measure(llm, SamplingParams, processor, name, counts[name],
                                                                  repeats)}
@@ -221,6 +227,8 @@ def main() -> None:
                         "256 for mixed: throughput.py's)")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS)
     parser.add_argument("--evs", type=float, default=None, help="also run vLLM's EVS video pruning at this rate")
+    parser.add_argument("--fp8", action="store_true", help="also run vLLM with its FP8 quantization (every linear "
+                        "layer it quantizes, the language model's included)")
     parser.add_argument("--parquet", type=Path, help="a job's input Parquet (an `image` column of encoded "
                         "images): time vLLM on those images instead of the workloads")
     parser.add_argument("--prompt", default=QUESTION, help="with --parquet: the job's question")
@@ -235,7 +243,7 @@ def main() -> None:
         workloads = args.workloads.split(",")
         counts = {w: default_count(w, tiny=False) for w in workloads}
         counts.update({k: int(v) for k, v in (item.split("=") for item in args.counts.split(",") if item)})
-        rows = run(args.model, workloads, counts, args.repeats, args.evs)
+        rows = run(args.model, workloads, counts, args.repeats, args.evs, fp8=args.fp8)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(["python -m benchmarks.vllm_baseline", *sys.argv[1:]]),

@@ -136,3 +136,26 @@ def test_compiled_fp8_tower_on_cuda_is_close_to_bf16(family, tiny_checkpoints):
     assert 0 < error < TOWER_ERROR
     assert [r.stats.n_generated_tokens for r in fp8.generate(samples, SamplingParams(max_new_tokens=3,
                                                                                        ignore_eos=True))] == [3] * 8
+
+
+def test_the_throughput_benchmark_runs_both_precisions_on_the_same_samples(tmp_path, monkeypatch):
+    """`benchmarks.throughput --vision-fp8 both`: the model's precision, then FP8 rows (ending in
+    @fp8) on the same workload, each compared with its own precision's dense row."""
+    import json
+    import sys
+
+    from benchmarks import throughput
+
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["throughput", "--workloads", "vqa-256", "--num-samples", "2", "--repeats", "1",
+                                      "--hf-batch-sizes", "", "--vision-fp8", "both", "--vllm", "off",
+                                      "--json", str(out)])
+    throughput.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["system"], r["vision_fp8"]) for r in rows] == [
+        ("engine_none", False), ("engine_sparsevlm-128", False),
+        ("engine_none@fp8", True), ("engine_sparsevlm-128@fp8", True)]
+    dense, fp8_dense = rows[0]["samples_per_s"], rows[2]["samples_per_s"]
+    assert rows[1]["speedup_vs_engine_dense"] == pytest.approx(rows[1]["samples_per_s"] / dense)
+    assert rows[3]["speedup_vs_engine_dense"] == pytest.approx(rows[3]["samples_per_s"] / fp8_dense)
+    assert all(r["n_visual_tokens"] == rows[0]["n_visual_tokens"] for r in rows)

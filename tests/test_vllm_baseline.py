@@ -101,6 +101,8 @@ def test_caches_are_off_and_evs_is_opt_in(tmp_path):
     assert dense["load_format"] == "dummy" and "video_pruning_rate" not in dense
     assert vllm_baseline.engine_kwargs(tmp_path, 0.75, 64)["video_pruning_rate"] == 0.75
     assert vllm_baseline.engine_kwargs(tmp_path, None, 64, video=False)["limit_mm_per_prompt"] == {"image": 1}
+    assert "quantization" not in dense
+    assert vllm_baseline.engine_kwargs(tmp_path, None, 64, quantization="fp8")["quantization"] == "fp8"
 
 
 def test_the_mixed_plan_is_ragged_and_fixed_workloads_are_not():
@@ -120,6 +122,10 @@ def test_engine_rows_are_compared_with_vllm_dense_on_their_own_workload():
             {"workload": "video-16f", "system": "vllm_evs0.75", "samples_per_s": 7.0}]
     compare_with_vllm(rows)
     assert [r.get("speedup_vs_vllm_dense") for r in rows] == [1.5, 2.25, None, None, None]
+    assert all("speedup_vs_vllm_fp8" not in r for r in rows)
+    rows.append({"workload": "vqa-1024", "system": "vllm_fp8", "samples_per_s": 25.0})
+    compare_with_vllm(rows)
+    assert rows[0]["speedup_vs_vllm_fp8"] == 1.2 and "speedup_vs_vllm_fp8" not in rows[2]
 
 
 def test_on_a_jobs_images_each_timed_run_takes_rows_no_other_run_saw(processor, tmp_path):
