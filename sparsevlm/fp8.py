@@ -12,7 +12,10 @@ scales in fp32 before rounding to the output dtype.
 `_scaled_mm` wants both weight dimensions in multiples of 16; Qwen2.5-VL's MLP is 3420 wide.
 Weights are zero-padded once (extra output channels are sliced off, extra input columns
 meet zero-padded activations), so every linear of every tower qualifies and the result is
-that of the unpadded product.
+that of the unpadded product. In a SwiGLU MLP, `down(act(gate(x)) * up(x))`, gate and up
+instead hand their padded width on (its columns are exactly zero, and act(0) * 0 = 0): the
+quantisation of down's input then runs over one width, which the compiler makes one kernel,
+where a slice and a pad split it into two passes over the MLP's widest activation.
 
 Numerics: e4m3 keeps 3 mantissa bits (relative rounding <= 2^-4 per value); with per-row
 scales the products' errors average over K. `tests/test_fp8_vision.py` states the bounds; the
@@ -47,12 +50,13 @@ def quantize_rows(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tens
 
 class Fp8Linear(torch.nn.Module):
     """A copy of `linear` that multiplies in e4m3 with per-row scales (the original is untouched:
-    `model.generate` and the bf16 path keep it)."""
+    `model.generate` and the bf16 path keep it). It takes its input at its width or zero-padded
+    to a multiple of 16; with `pad_output` it returns its output zero-padded likewise."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, pad_output: bool = False):
         super().__init__()
         out_features, in_features = linear.weight.shape
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.pad_output = in_features, out_features, pad_output
         padded_in, padded_out = _round_up(in_features), _round_up(out_features)
         weight = torch.nn.functional.pad(linear.weight.detach().float(), (0, 0, 0, padded_out - out_features))
         values, scales = quantize_rows(weight, padded_in)  # one scale per output channel
@@ -60,21 +64,43 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("weight_t", values.t(), persistent=False)
         self.register_buffer("weight_scale", scales.t().contiguous(), persistent=False)  # (1, N)
         bias = linear.bias
+        if bias is not None and pad_output:
+            bias = torch.nn.functional.pad(bias, (0, padded_out - out_features))
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leading = x.shape[:-1]
-        values, scales = quantize_rows(x.reshape(-1, self.in_features), self.weight_t.shape[0])
+        leading, width = x.shape[:-1], x.shape[-1]
+        if width not in (self.in_features, self.weight_t.shape[0]):
+            raise ValueError(f"Fp8Linear takes {self.in_features} features (or {self.weight_t.shape[0]} zero-padded), "
+                             f"not {width}")
+        values, scales = quantize_rows(x.reshape(-1, width), self.weight_t.shape[0])
         # CUDA's per-row-scaled kernels write bf16 only (an fp16 or fp32 tower gets it cast back)
         out_dtype = torch.bfloat16 if values.is_cuda else x.dtype
         out = torch._scaled_mm(values, self.weight_t, scale_a=scales, scale_b=self.weight_scale, out_dtype=out_dtype)
-        out = out[:, :self.out_features].to(x.dtype)
+        if not self.pad_output:
+            out = out[:, :self.out_features]
+        out = out.to(x.dtype)
         if self.bias is not None:  # added here rather than in the GEMM: compiled, it fuses into the next kernel
             out = out + self.bias.to(out.dtype)
-        return out.reshape(*leading, self.out_features)
+        return out.reshape(*leading, out.shape[-1])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-row scales"
+
+
+SWIGLU = ("gate_proj", "up_proj", "down_proj")  # down(act(gate(x)) * up(x)): Qwen2.5-VL's tower MLP
+
+
+def padded_swiglu_inputs(parent: torch.nn.Module) -> set[str]:
+    """The names of `parent`'s linears whose FP8 copies hand their zero padding on: gate and up of
+    a SwiGLU MLP whose width is not a multiple of 16 (down takes their product padded)."""
+    gate, up, down = (getattr(parent, name, None) for name in SWIGLU)
+    if not all(isinstance(m, torch.nn.Linear) for m in (gate, up, down)):
+        return set()
+    width = gate.out_features
+    if up.out_features != width or down.in_features != width or width % ALIGN == 0:
+        return set()
+    return set(SWIGLU[:2])
 
 
 def fp8_replacements(roots: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, str, Fp8Linear]]:
@@ -85,10 +111,11 @@ def fp8_replacements(roots: list[torch.nn.Module]) -> list[tuple[torch.nn.Module
         for parent in root.modules():
             if isinstance(parent, torch.nn.MultiheadAttention):
                 continue
+            padded = padded_swiglu_inputs(parent)
             for name, child in parent.named_children():
                 if isinstance(child, torch.nn.Linear) and id(child) not in seen:
                     seen.add(id(child))
-                    found.append((parent, name, Fp8Linear(child)))
+                    found.append((parent, name, Fp8Linear(child, pad_output=name in padded)))
     return found
 
 

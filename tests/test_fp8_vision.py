@@ -65,6 +65,35 @@ def test_every_linear_is_replaced_once_but_not_inside_multihead_attention():
     assert [(type(parent).__name__, name) for parent, name, _ in replaced] == [("Sequential", "0"), ("Sequential", "2")]
 
 
+class SwiGLU(torch.nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(hidden, width), torch.nn.Linear(hidden, width)
+        self.down_proj = torch.nn.Linear(width, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("width,passes_padding", [(50, True), (64, False)])
+def test_a_swiglu_mlp_hands_its_padding_on_and_gives_the_same_output(width, passes_padding):
+    """Gate and up of an MLP whose width is not a multiple of 16 return it zero-padded and down
+    takes it so: the output equals that of FP8 copies that slice and re-pad, bit for bit."""
+    torch.manual_seed(width)
+    mlp, x = SwiGLU(24, width), torch.randn(3, 7, 24) * 2
+    copies = {name: module for _, name, module in fp8_replacements([mlp])}
+    assert {name: m.pad_output for name, m in copies.items()} == {
+        "gate_proj": passes_padding, "up_proj": passes_padding, "down_proj": False}
+    if passes_padding:
+        padded = copies["gate_proj"](x)
+        assert padded.shape[-1] == 64 and not padded[..., width:].any()
+    plain = {name: Fp8Linear(getattr(mlp, name)) for name in copies}
+    run = lambda m: m["down_proj"](torch.nn.functional.silu(m["gate_proj"](x)) * m["up_proj"](x))  # noqa: E731
+    assert torch.equal(run(copies), run(plain))
+    with pytest.raises(ValueError, match="features"):
+        copies["down_proj"](torch.randn(2, width + 1))
+
+
 def test_an_older_gpu_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
