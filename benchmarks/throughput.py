@@ -153,7 +153,7 @@ def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list
             row = run_engine(engine, samples, new_tokens, args.repeats, sparsity, static_batch=args.static_batch)
             row.update(system=row["system"] + suffix, method=row["method"] + suffix, vision_fp8=vision_fp8)
             rows.append({"workload": name, **row})
-            print(f"{name:<13} {row['system']:<22} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s",
+            print(f"{name:<13} {row['system']:<26} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s",
                   flush=True)
         row = run_engine(engine, samples, new_tokens, args.repeats, sparsity)
         row.update(system=row["system"] + suffix, method=row["method"] + suffix, vision_fp8=vision_fp8)
@@ -164,7 +164,7 @@ def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list
         row["speedup_vs_hf_best"] = row["samples_per_s"] / hf_best if hf_best else None
         row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense if dense else None
         rows.append({"workload": name, **row})
-        print(f"{name:<13} {row['system']:<22} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s "
+        print(f"{name:<13} {row['system']:<26} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s "
               f"(vision {row['vision_s']:.2f}s prefill {row['prefill_s']:.2f}s of which sparse "
               f"{row['sparse_s']:.3f}s, decode {row['decode_s']:.2f}s; kept {row['n_visual_tokens_kept_mean']:.0f}"
               f"/{row['n_visual_tokens']})", flush=True)
@@ -274,12 +274,12 @@ def main() -> None:
         compare_with_vllm(rows)
         write_report(args, device, rows)
 
-    print(f"\n{'workload':<13} {'system':<22} {'batch':>5} {'samples/s':>10} {'x HF best':>10} {'x dense':>8} "
+    print(f"\n{'workload':<13} {'system':<26} {'batch':>5} {'samples/s':>10} {'x HF best':>10} {'x dense':>8} "
           f"{'x vLLM':>8} {'sparse %':>8} {'peak GB':>8}")
     for row in (r for r in rows if "error" not in r):
         fmt = lambda value, width, spec: f"{'-' if value is None else format(value, spec):>{width}}"  # noqa: E731
         share = row.get("sparse_share_of_prefill")
-        print(f"{row['workload']:<13} {row['system']:<22} {row['batch_size']:>5} {row['samples_per_s']:>10.2f} "
+        print(f"{row['workload']:<13} {row['system']:<26} {row['batch_size']:>5} {row['samples_per_s']:>10.2f} "
               f"{fmt(row.get('speedup_vs_hf_best'), 10, '.2f')} {fmt(row.get('speedup_vs_engine_dense'), 8, '.2f')} "
               f"{fmt(row.get('speedup_vs_vllm_dense'), 8, '.2f')} "
               f"{fmt(None if share is None else 100 * share, 8, '.2f')} {fmt(row.get('peak_memory_gb'), 8, '.1f')}")
