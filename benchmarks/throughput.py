@@ -72,6 +72,10 @@ def run_hf(model, sample: dict, batch_size: int, max_new_tokens: int, repeats: i
             "samples_per_s": batch_size / seconds, "peak_memory_gb": peak_memory_gb(device)}
 
 
+VISION_FP8_RUNS = {"off": (False,), "on": (True,), "both": (False, True)}
+FP8_SUFFIX = "@fp8"  # an engine row with FP8 vision GEMMs: system and method end in it
+
+
 def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], repeats: int,
                sparsity: SparsityConfig, static_batch: int | None = None) -> dict:
     """Continuous batching (one generate call), or `static_batch`: groups of that many samples,
@@ -90,8 +94,11 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     prefill_s = sum(s.prefill_ms for s in stats) / 1e3
     batching = f"static-{static_batch}" if static_batch else "continuous"
-    return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else ""), "method": sparsity.label,
-            "batching": batching, "batch_size": len(samples),
+    vision_fp8 = engine.config.vision_fp8
+    suffix = FP8_SUFFIX if vision_fp8 else ""
+    return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else "") + suffix,
+            "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "batching": batching,
+            "batch_size": len(samples),
             "seconds": seconds, "samples_per_s": len(samples) / seconds,
             "peak_memory_gb": peak_memory_gb(engine.device),
             "vision_s": sum(s.vision_ms for s in stats) / 1e3, "prefill_s": prefill_s,
@@ -104,10 +111,6 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
             "equiv_visual_tokens_mean": mean([s.equiv_visual_tokens for s in stats]),
             "prefill_flops_ratio": sum(s.prefill_flops for s in stats) / sum(s.prefill_flops_dense for s in stats),
             "attention_backend": engine.backend.name}
-
-
-VISION_FP8_RUNS = {"off": (False,), "on": (True,), "both": (False, True)}
-FP8_SUFFIX = "@fp8"  # an engine row with FP8 vision GEMMs: system and method end in it
 
 
 def make_inputs(processor, name: str, count: int, model_name: str) -> tuple[list[dict], list[int], object]:
@@ -139,24 +142,21 @@ def hf_rows(args, model, name: str, inputs: tuple, device: torch.device) -> list
     return rows
 
 
-def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list[SparsityConfig], vision_fp8: bool,
+def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list[SparsityConfig],
                 rows: list[dict]) -> None:
     """The engine's rows for one workload (static batching beside on `mixed`), appended to `rows`;
     ratios are against this precision's own dense and static rows."""
     samples, new_tokens, _ = inputs
-    suffix = FP8_SUFFIX if vision_fp8 else ""
     hf_best = max((r["samples_per_s"] for r in rows if r["workload"] == name and r["system"] == "hf_generate"
                    and "error" not in r), default=None)
     dense = None
     for sparsity in methods:
         if name == MIXED and args.static_batch:
             row = run_engine(engine, samples, new_tokens, args.repeats, sparsity, static_batch=args.static_batch)
-            row.update(system=row["system"] + suffix, method=row["method"] + suffix, vision_fp8=vision_fp8)
             rows.append({"workload": name, **row})
             print(f"{name:<13} {row['system']:<26} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s",
                   flush=True)
         row = run_engine(engine, samples, new_tokens, args.repeats, sparsity)
-        row.update(system=row["system"] + suffix, method=row["method"] + suffix, vision_fp8=vision_fp8)
         dense = row["samples_per_s"] if sparsity.method == "none" else dense
         static = [r for r in rows if r["workload"] == name and r.get("batching", "").startswith("static")
                   and r["method"] == row["method"]]
@@ -260,7 +260,7 @@ def main() -> None:
                 counts[name] = args.num_samples or default_count(name, tiny)
                 inputs[name] = make_inputs(processor, name, counts[name], args.model)
                 rows += hf_rows(args, model, name, inputs[name], device)
-            run_methods(args, engine, name, inputs[name], methods, vision_fp8, rows)
+            run_methods(args, engine, name, inputs[name], methods, rows)
             write_report(args, device, rows)  # after every workload: a run cut short still leaves its numbers
         del engine  # its KV pool and graphs leave before the next precision's engine sizes its own
         gc.collect()

@@ -85,7 +85,8 @@ class Fp8Linear(torch.nn.Module):
         return out.reshape(*leading, out.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-row scales"
+        padded = ", output zero-padded" if self.pad_output else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-row scales{padded}"
 
 
 SWIGLU = ("gate_proj", "up_proj", "down_proj")  # down(act(gate(x)) * up(x)): Qwen2.5-VL's tower MLP
