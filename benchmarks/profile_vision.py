@@ -30,6 +30,7 @@ from sparsevlm import EngineConfig, VLMEngine
 H200_BF16_TFLOPS = 790.0  # dense bf16 matrix rate seen on the lent H200 (device README)
 KERNEL_CLASSES = (  # first match wins, on the lower-cased kernel name
     ("window kernel", ("_window_attention_kernel",)),
+    ("fp8 quantisation (ours)", ("_quantize_rows_kernel", "_swiglu_quantize_kernel")),
     ("fused elementwise (triton)", ("triton_",)),  # inductor's kernels, named after what they fuse ("addmm")
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("patch embedding conv", ("convolve",)),

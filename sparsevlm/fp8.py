@@ -4,18 +4,22 @@ The tower runs on every patch before any pruning, and at bf16 its GEMMs already 
 H200's matrix rate (benchmarks/results/h200_vision_profile.json), so FP8's doubled rate is what
 is left to take. The scheme is the usual dynamic one (vLLM's "fp8 dynamic"): each weight row
 (output channel) gets its own scale once, at load; each activation row (token) gets its own
-scale at every call, from its absolute maximum. Per-row scales need no pass over the whole
-tensor, so inside a compiled block the activation's quantisation fuses into the norm or
-activation kernel that produces it. `torch._scaled_mm` multiplies in FP8 and applies both
-scales in fp32 before rounding to the output dtype.
+scale at every call, from its absolute maximum. `torch._scaled_mm` multiplies in FP8 and
+applies both scales in fp32 before rounding to the output dtype.
+
+Quantising an activation is a pass over it; kernels/fp8_quant.py makes it one pass, with its
+producer fused in where the block's structure allows (the adapter names those places):
+- an RMSNorm whose only reader is the next linear is computed inside that linear's quantisation
+  (`Fp8Linear(input_norm=...)`; the norm itself becomes the identity in the engine's calls);
+- a SwiGLU MLP, `down(silu(gate(x)) * up(x))`, runs gate and up as one GEMM, and the bias, the
+  activation, the product and down's quantisation as one kernel (`Fp8SwiGLU`).
 
 `_scaled_mm` wants both weight dimensions in multiples of 16; Qwen2.5-VL's MLP is 3420 wide.
 Weights are zero-padded once (extra output channels are sliced off, extra input columns
 meet zero-padded activations), so every linear of every tower qualifies and the result is
-that of the unpadded product. In a SwiGLU MLP, `down(act(gate(x)) * up(x))`, gate and up
-instead hand their padded width on (its columns are exactly zero, and act(0) * 0 = 0): the
-quantisation of down's input then runs over one width, which the compiler makes one kernel,
-where a slice and a pad split it into two passes over the MLP's widest activation.
+that of the unpadded product. A gated MLP the fused kernel does not cover (not SiLU) has gate
+and up hand their padded width on (its columns are exactly zero, and act(0) * 0 = 0), so
+down's input quantises over one width.
 
 Numerics: e4m3 keeps 3 mantissa bits (relative rounding <= 2^-4 per value); with per-row
 scales the products' errors average over K. `tests/test_fp8_vision.py` states the bounds; the
@@ -24,10 +28,12 @@ scene probes' accuracy with and without it is in the README.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max  # 448
+from kernels.fp8_quant import E4M3, E4M3_MAX, quantize_rows_reference  # noqa: F401  (the ops register on import)
+
 ALIGN = 16  # _scaled_mm: both dimensions of the weight in multiples of 16
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) on
 
@@ -36,88 +42,206 @@ def _round_up(n: int, multiple: int = ALIGN) -> int:
     return -(-n // multiple) * multiple
 
 
-def quantize_rows(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> (M, width) e4m3 values (zero-padded past K) and (M, 1) fp32 scales, so that
-    row i is approximately values[i, :K] * scales[i]. An all-zero row gets scale 1 (no NaN)."""
-    x = x.float()
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    values = (x / scale).clamp(-E4M3_MAX, E4M3_MAX)
-    if width is not None and width > x.shape[-1]:
-        values = torch.nn.functional.pad(values, (0, width - x.shape[-1]))
-    return values.to(E4M3), scale
+def rms_norm_parameters(norm: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a Llama/Qwen-style RMSNorm (`weight * normed.to(dtype)`), which the
+    quantisation kernel can compute itself; None for any other norm."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None \
+            or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    return weight, eps
 
 
 class Fp8Linear(torch.nn.Module):
-    """A copy of `linear` that multiplies in e4m3 with per-row scales (the original is untouched:
-    `model.generate` and the bf16 path keep it). It takes its input at its width or zero-padded
-    to a multiple of 16; with `pad_output` it returns its output zero-padded likewise."""
+    """`x @ weight.T + bias` in e4m3 with per-row scales, from a copy of the weight (the model's
+    linear is untouched: `model.generate` and the bf16 path keep it). Takes its input at its
+    width or zero-padded to a multiple of 16; with `pad_output` returns its output zero-padded
+    likewise; with `input_norm` (an RMSNorm) quantises the norm of its input."""
 
-    def __init__(self, linear: torch.nn.Linear, pad_output: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pad_output: bool = False,
+                 input_norm: torch.nn.Module | None = None):
         super().__init__()
-        out_features, in_features = linear.weight.shape
+        out_features, in_features = weight.shape
         self.in_features, self.out_features, self.pad_output = in_features, out_features, pad_output
-        padded_in, padded_out = _round_up(in_features), _round_up(out_features)
-        weight = torch.nn.functional.pad(linear.weight.detach().float(), (0, 0, 0, padded_out - out_features))
-        values, scales = quantize_rows(weight, padded_in)  # one scale per output channel
+        self.padded_in, padded_out = _round_up(in_features), _round_up(out_features)
+        weight = torch.nn.functional.pad(weight.detach().float(), (0, 0, 0, padded_out - out_features))
+        values, scales = quantize_rows_reference(weight, self.padded_in)  # one scale per output channel
         # _scaled_mm takes the weight column-major: the (N, K) row-major values, transposed
         self.register_buffer("weight_t", values.t(), persistent=False)
         self.register_buffer("weight_scale", scales.t().contiguous(), persistent=False)  # (1, N)
-        bias = linear.bias
         if bias is not None and pad_output:
             bias = torch.nn.functional.pad(bias, (0, padded_out - out_features))
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        norm = None if input_norm is None else rms_norm_parameters(input_norm)
+        if input_norm is not None and (norm is None or norm[0].shape != (in_features,)):
+            raise ValueError(f"Fp8Linear fuses an RMSNorm over its {in_features} inputs, not {input_norm}")
+        self.register_buffer("norm_weight", None if norm is None else norm[0].detach(), persistent=False)
+        self.norm_eps = 0.0 if norm is None else norm[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leading, width = x.shape[:-1], x.shape[-1]
-        if width not in (self.in_features, self.weight_t.shape[0]):
-            raise ValueError(f"Fp8Linear takes {self.in_features} features (or {self.weight_t.shape[0]} zero-padded), "
-                             f"not {width}")
-        values, scales = quantize_rows(x.reshape(-1, width), self.weight_t.shape[0])
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, **options) -> "Fp8Linear":
+        return cls(linear.weight, linear.bias, **options)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, K or padded K) activations -> (M, padded K) e4m3 and (M, 1) scales (of the norm, if fused)."""
+        width = x.shape[-1]
+        if width != self.in_features and (width != self.padded_in or self.norm_weight is not None):
+            padded = "" if self.norm_weight is not None else f" (or {self.padded_in} zero-padded)"
+            raise ValueError(f"Fp8Linear takes {self.in_features} features{padded}, not {width}")
+        return torch.ops.sparsevlm.quantize_rows(x, self.padded_in, self.norm_weight, self.norm_eps)
+
+    def multiply(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Quantised (M, padded K) activations -> (M, N) (padded N with `pad_output`) in `dtype`."""
         # CUDA's per-row-scaled kernels write bf16 only (an fp16 or fp32 tower gets it cast back)
-        out_dtype = torch.bfloat16 if values.is_cuda else x.dtype
+        out_dtype = torch.bfloat16 if values.is_cuda else dtype
         out = torch._scaled_mm(values, self.weight_t, scale_a=scales, scale_b=self.weight_scale, out_dtype=out_dtype)
         if not self.pad_output:
             out = out[:, :self.out_features]
-        out = out.to(x.dtype)
+        out = out.to(dtype)
         if self.bias is not None:  # added here rather than in the GEMM: compiled, it fuses into the next kernel
             out = out + self.bias.to(out.dtype)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading, width = x.shape[:-1], x.shape[-1]
+        out = self.multiply(*self.quantize(x.reshape(-1, width)), x.dtype)
         return out.reshape(*leading, out.shape[-1])
 
     def extra_repr(self) -> str:
-        padded = ", output zero-padded" if self.pad_output else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-row scales{padded}"
+        extras = (", output zero-padded" if self.pad_output else "") + (", RMSNorm fused" if self.norm_weight is not None
+                                                                        else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-row scales{extras}"
 
 
 SWIGLU = ("gate_proj", "up_proj", "down_proj")  # down(act(gate(x)) * up(x)): Qwen2.5-VL's tower MLP
 
 
+def _swiglu_linears(mlp: torch.nn.Module) -> tuple[torch.nn.Linear, ...] | None:
+    """gate, up and down of a gated MLP of consistent widths, else None."""
+    gate, up, down = (getattr(mlp, name, None) for name in SWIGLU)
+    if not all(isinstance(m, torch.nn.Linear) for m in (gate, up, down)):
+        return None
+    width = gate.out_features
+    if up.out_features != width or down.in_features != width or up.in_features != gate.in_features:
+        return None
+    return gate, up, down
+
+
+def is_silu_swiglu(mlp: torch.nn.Module) -> bool:
+    """A gated MLP whose activation is SiLU: `Fp8SwiGLU` computes it whole."""
+    act = getattr(mlp, "act_fn", None)
+    return _swiglu_linears(mlp) is not None and (isinstance(act, torch.nn.SiLU) or
+                                                 type(act).__name__ == "SiLUActivation")
+
+
+def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """fp32 copy of a weight (N, K) or bias (N,) with zero rows appended up to `rows`."""
+    t = t.detach().float()
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+class Fp8SwiGLU(torch.nn.Module):
+    """`down(silu(gate(x)) * up(x))` in e4m3: gate and up as one GEMM (their weights side by side,
+    each zero-padded to a multiple of 16), then one kernel for the biases, the activation, the
+    product and down's quantisation (kernels/fp8_quant.py), then down. With `input_norm`, the
+    RMSNorm before the MLP is fused into the first quantisation."""
+
+    def __init__(self, mlp: torch.nn.Module, input_norm: torch.nn.Module | None = None):
+        super().__init__()
+        if not is_silu_swiglu(mlp):
+            raise ValueError(f"Fp8SwiGLU takes a gate/up/down MLP with a SiLU activation, not {type(mlp).__name__}")
+        gate, up, down = _swiglu_linears(mlp)
+        width = gate.out_features
+        padded = _round_up(width)
+        self.gate_up = Fp8Linear(torch.cat([_padded_rows(gate.weight, padded), _padded_rows(up.weight, padded)]),
+                                 input_norm=input_norm)
+        bias = None
+        if gate.bias is not None or up.bias is not None:
+            zeros = gate.weight.new_zeros(width)
+            bias = torch.cat([_padded_rows(zeros if m.bias is None else m.bias, padded) for m in (gate, up)])
+        self.register_buffer("gate_up_bias", bias, persistent=False)
+        self.down = Fp8Linear.from_linear(down)
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading, width = x.shape[:-1], x.shape[-1]
+        gate_up = self.gate_up(x.reshape(-1, width))  # (M, 2 * padded), bf16 on CUDA
+        values, scales = torch.ops.sparsevlm.swiglu_quantize(gate_up, self.gate_up_bias)
+        out = self.down.multiply(values, scales, x.dtype)
+        return out.reshape(*leading, out.shape[-1])
+
+    def extra_repr(self) -> str:
+        fused = ", RMSNorm fused" if self.gate_up.norm_weight is not None else ""
+        return f"width={self.width}, gate and up as one e4m3 GEMM, SiLU, product and quantisation one kernel{fused}"
+
+
 def padded_swiglu_inputs(parent: torch.nn.Module) -> set[str]:
     """The names of `parent`'s linears whose FP8 copies hand their zero padding on: gate and up of
-    a SwiGLU MLP whose width is not a multiple of 16 (down takes their product padded)."""
-    gate, up, down = (getattr(parent, name, None) for name in SWIGLU)
-    if not all(isinstance(m, torch.nn.Linear) for m in (gate, up, down)):
-        return set()
-    width = gate.out_features
-    if up.out_features != width or down.in_features != width or width % ALIGN == 0:
+    a gated MLP `Fp8SwiGLU` does not cover, whose width is not a multiple of 16."""
+    linears = _swiglu_linears(parent)
+    if linears is None or linears[0].out_features % ALIGN == 0:
         return set()
     return set(SWIGLU[:2])
 
 
-def fp8_replacements(roots: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, str, Fp8Linear]]:
-    """(parent, attribute, FP8 copy) for every `nn.Linear` under `roots`, each once. Not inside
-    `nn.MultiheadAttention`, which reads its projection's weight directly instead of calling it."""
-    found, seen = [], set()
+@dataclass(frozen=True)
+class NormFeed:
+    """`norm_parent.<norm>`'s output is read by `consumer_parent.<consumer>` (a linear or an MLP)
+    and by nothing else, so the consumer's FP8 copy may compute the norm itself."""
+
+    norm_parent: torch.nn.Module
+    norm: str
+    consumer_parent: torch.nn.Module
+    consumer: str
+
+
+Replacement = tuple[torch.nn.Module, str, torch.nn.Module]  # (parent, attribute, module in its place)
+
+
+def _fused_norms(feeds: list[NormFeed]) -> list[Replacement]:
+    found = []
+    for feed in feeds:
+        norm, consumer = getattr(feed.norm_parent, feed.norm), getattr(feed.consumer_parent, feed.consumer)
+        if rms_norm_parameters(norm) is None:
+            continue  # a LayerNorm (bias, mean): left to the compiler
+        if is_silu_swiglu(consumer):
+            copy = Fp8SwiGLU(consumer, input_norm=norm)
+        elif isinstance(consumer, torch.nn.Linear):
+            copy = Fp8Linear.from_linear(consumer, input_norm=norm)
+        else:
+            continue
+        found += [(feed.norm_parent, feed.norm, torch.nn.Identity()), (feed.consumer_parent, feed.consumer, copy)]
+    return found
+
+
+def fp8_replacements(roots: list[torch.nn.Module], norm_feeds: list[NormFeed] = ()) -> list[Replacement]:
+    """What to run in place of what, so that every `nn.Linear` under `roots` multiplies in FP8,
+    each once: the fused norms of `norm_feeds` first, then SiLU SwiGLU MLPs whole, then each
+    remaining linear. Not inside `nn.MultiheadAttention`, which reads its projection's weight
+    directly instead of calling it."""
+    found = _fused_norms(list(norm_feeds))
+    seen = {id(m) for parent, name, _ in found for m in getattr(parent, name).modules()}
     for root in roots:
         for parent in root.modules():
-            if isinstance(parent, torch.nn.MultiheadAttention):
+            if isinstance(parent, torch.nn.MultiheadAttention) or id(parent) in seen:
                 continue
             padded = padded_swiglu_inputs(parent)
             for name, child in parent.named_children():
-                if isinstance(child, torch.nn.Linear) and id(child) not in seen:
+                if id(child) in seen:
+                    continue
+                if is_silu_swiglu(child):
+                    seen.update(id(m) for m in child.modules())
+                    found.append((parent, name, Fp8SwiGLU(child)))
+                elif isinstance(child, torch.nn.Linear):
                     seen.add(id(child))
-                    found.append((parent, name, Fp8Linear(child, pad_output=name in padded)))
+                    found.append((parent, name, Fp8Linear.from_linear(child, pad_output=name in padded)))
     return found
+
+
+def replaced_linears(replacements: list[Replacement]) -> int:
+    """How many of the model's linears the replacements run in FP8."""
+    return sum(isinstance(m, torch.nn.Linear) for parent, name, _ in replacements
+               for m in getattr(parent, name).modules())
 
 
 def check_fp8_device(device: torch.device) -> None:

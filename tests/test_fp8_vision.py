@@ -13,7 +13,7 @@ import torch
 
 from sparsevlm import EngineConfig, SamplingParams, VLMEngine
 from sparsevlm.attention import AttentionBackend
-from sparsevlm.fp8 import E4M3, Fp8Linear, check_fp8_device, fp8_replacements
+from sparsevlm.fp8 import E4M3, Fp8Linear, Fp8SwiGLU, NormFeed, check_fp8_device, fp8_replacements
 
 QUANTISATION_ERROR = 0.06  # relative (Frobenius) error of an e4m3 product against full precision
 TOWER_ERROR = 0.12  # the same through a whole tower (errors compound over its blocks: 5-8% on the tiny ones)
@@ -34,7 +34,7 @@ def test_fp8_linear_equals_the_dequantised_product(in_features, out_features, bi
     generator = torch.Generator().manual_seed(in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     x = torch.randn(2, 9, in_features, generator=generator) * 3
-    got = Fp8Linear(linear)(x)
+    got = Fp8Linear.from_linear(linear)(x)
     want = naive_dequantised(x.reshape(-1, in_features)) @ naive_dequantised(linear.weight.detach()).T
     if bias:
         want = want + linear.bias.detach().double()
@@ -46,14 +46,14 @@ def test_fp8_linear_is_close_to_the_linear_and_really_quantises():
     generator = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(1280, 3420)  # Qwen2.5-VL's MLP width: padded to 3424 inside, sliced back
     x = torch.randn(64, 1280, generator=generator)
-    got, want = Fp8Linear(linear)(x), linear(x)
+    got, want = Fp8Linear.from_linear(linear)(x), linear(x)
     error = ((got - want).norm() / want.norm()).item()
     assert 0 < error < QUANTISATION_ERROR
 
 
 def test_zero_rows_stay_zero():
     linear = torch.nn.Linear(40, 24, bias=False)
-    out = Fp8Linear(linear)(torch.zeros(3, 40))
+    out = Fp8Linear.from_linear(linear)(torch.zeros(3, 40))
     assert torch.isfinite(out).all() and not out.any()
 
 
@@ -87,11 +87,98 @@ def test_a_swiglu_mlp_hands_its_padding_on_and_gives_the_same_output(width, pass
     if passes_padding:
         padded = copies["gate_proj"](x)
         assert padded.shape[-1] == 64 and not padded[..., width:].any()
-    plain = {name: Fp8Linear(getattr(mlp, name)) for name in copies}
+    plain = {name: Fp8Linear.from_linear(getattr(mlp, name)) for name in copies}
     run = lambda m: m["down_proj"](torch.nn.functional.silu(m["gate_proj"](x)) * m["up_proj"](x))  # noqa: E731
     assert torch.equal(run(copies), run(plain))
     with pytest.raises(ValueError, match="features"):
         copies["down_proj"](torch.randn(2, width + 1))
+
+
+class Qwen2_5Block(torch.nn.Module):
+    """A Qwen2.5-VL vision block's FP8-relevant shape: RMSNorm -> linear, RMSNorm -> SiLU SwiGLU."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+        config = Qwen2_5_VLVisionConfig(hidden_size=hidden, intermediate_size=width, hidden_act="silu")
+        self.norm1, self.norm2 = Qwen2_5_VLRMSNorm(hidden), Qwen2_5_VLRMSNorm(hidden)
+        self.qkv, self.mlp = torch.nn.Linear(hidden, 3 * hidden), Qwen2_5_VLMLP(config, bias=True)
+        for norm in (self.norm1, self.norm2):
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.qkv(self.norm1(x)), self.mlp(self.norm2(x))], dim=-1)
+
+
+def _run_replaced(module: torch.nn.Module, replacements, x: torch.Tensor) -> torch.Tensor:
+    originals = [(parent, name, getattr(parent, name)) for parent, name, _ in replacements]
+    for parent, name, copy in replacements:
+        setattr(parent, name, copy)
+    try:
+        return module(x)
+    finally:
+        for parent, name, original in originals:
+            setattr(parent, name, original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_and_swiglu_give_the_unfused_fp8_result(dtype, monkeypatch):
+    """The norm computed inside the quantisation and gate/up as one GEMM with one SwiGLU kernel:
+    the same numbers as the model's norm and MLP around separate FP8 linears (fp32 exactly up to
+    summation order, 1e-5; bf16 within one bf16 rounding of the MLP's intermediate, 2%)."""
+    torch.manual_seed(11)
+    block = Qwen2_5Block(24, 50).to(dtype)
+    x = (torch.randn(2, 9, 24) * 2).to(dtype)
+    fused = fp8_replacements([block], [NormFeed(block, "norm1", block, "qkv"), NormFeed(block, "norm2", block, "mlp")])
+    assert [type(copy).__name__ for _, _, copy in fused] == ["Identity", "Fp8Linear", "Identity", "Fp8SwiGLU"]
+    assert "RMSNorm fused" in repr(fused[1][2]) and "RMSNorm fused" in repr(fused[3][2])
+    monkeypatch.setattr("sparsevlm.fp8.is_silu_swiglu", lambda mlp: False)  # the plain path: a linear at a time
+    plain = fp8_replacements([block])
+    assert all(type(copy).__name__ == "Fp8Linear" for _, _, copy in plain) and len(plain) == 4
+    got, want = _run_replaced(block, fused, x), _run_replaced(block, plain, x)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance * want.float().abs().max().item())
+    error = ((got.float() - block(x).float()).norm() / block(x).float().norm()).item()
+    assert 0 < error < QUANTISATION_ERROR  # and really quantised
+
+
+def test_fp8_swiglu_checks_what_it_is_given():
+    with pytest.raises(ValueError, match="SiLU"):
+        Fp8SwiGLU(SwiGLU(8, 16))  # its activation is not an attribute it can check
+    with pytest.raises(ValueError, match="RMSNorm"):
+        Fp8Linear.from_linear(torch.nn.Linear(8, 4), input_norm=torch.nn.LayerNorm(8))
+    block = Qwen2_5Block(16, 32)
+    fused = Fp8Linear.from_linear(block.qkv, input_norm=block.norm1)
+    with pytest.raises(ValueError, match="takes 16 features, not 32"):
+        fused(torch.randn(3, 32))
+
+
+def test_a_layer_norm_feed_is_left_to_the_compiler():
+    layer_norm_block = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(8), "fc": torch.nn.Linear(8, 8)})
+    replaced = fp8_replacements([layer_norm_block], [NormFeed(layer_norm_block, "norm", layer_norm_block, "fc")])
+    assert [(name, type(copy).__name__) for _, name, copy in replaced] == [("fc", "Fp8Linear")]
+    assert replaced[0][2].norm_weight is None
+
+
+def test_qwen2_5_vl_tower_fuses_its_norms_and_equals_the_unfused_fp8_tower(tiny_checkpoints, monkeypatch):
+    """transformers' block code reads norm1 only through attn.qkv and norm2 only through the MLP:
+    if that changed, the fused tower would part from the plain FP8 one far beyond 1e-4."""
+    from helpers import mixed_samples
+
+    dense = VLMEngine.from_pretrained(tiny_checkpoints["qwen2_5_vl"], dtype=torch.float32, device="cpu")
+    fused = VLMEngine(dense.model, dense.processor, engine_config=EngineConfig(vision_fp8=True))
+    kinds = [type(module).__name__ for *_, module in fused.adapter._tower_swaps.values()]
+    blocks = len(dense.model.model.visual.blocks)
+    assert kinds.count("Identity") == 2 * blocks and kinds.count("Fp8SwiGLU") == blocks
+    monkeypatch.setattr(type(dense.adapter), "fp8_norm_feeds", lambda self: [])
+    monkeypatch.setattr("sparsevlm.fp8.is_silu_swiglu", lambda mlp: False)
+    plain = VLMEngine(dense.model, dense.processor, engine_config=EngineConfig(vision_fp8=True))
+    assert {type(module).__name__ for *_, module in plain.adapter._tower_swaps.values()} == {"Fp8Linear"}
+    samples = mixed_samples(dense.processor, seed=5)
+    want, got = _visual_rows(plain, samples), _visual_rows(fused, samples)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_an_older_gpu_is_refused_with_the_reason(monkeypatch):
@@ -119,7 +206,9 @@ def test_fp8_tower_is_close_to_the_full_precision_tower(any_engine):
     inside_mha = {id(c) for m in modules if isinstance(m, torch.nn.MultiheadAttention) for c in m.children()}
     linears = {id(m) for m in modules if isinstance(m, torch.nn.Linear) and id(m) not in inside_mha}
     fp8 = VLMEngine(any_engine.model, any_engine.processor, engine_config=EngineConfig(vision_fp8=True))
-    assert len(fp8.adapter._tower_swaps) == len(linears) > 0
+    replaced = [id(m) for parent, name, _ in fp8.adapter._tower_swaps.values()
+                for m in getattr(parent, name).modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(replaced) == sorted(linears) and linears  # each linear once, by itself or inside a fused MLP
     samples = mixed_samples(any_engine.processor, seed=3)  # text-only ones add no rows
     want, got = _visual_rows(any_engine, samples), _visual_rows(fp8, samples)
     assert got.shape == want.shape

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..fp8 import fp8_replacements
+from ..fp8 import NormFeed, fp8_replacements, replaced_linears
 
 logger = logging.getLogger(__name__)
 
@@ -219,13 +219,18 @@ class ModelAdapter:
         """The modules that turn pixels into the decoder's visual rows (tower and projector)."""
         raise NotImplementedError
 
+    def fp8_norm_feeds(self) -> list[NormFeed]:
+        """The tower's norms whose output only one linear (or MLP) reads: their FP8 copies compute
+        the norm inside their quantisation. Knowledge of the family's block code; none by default."""
+        return []
+
     def quantize_vision(self) -> int:
         """Every linear layer of the tower and projector as an FP8 copy inside the engine's tower
         calls (sparsevlm/fp8.py); returns how many."""
-        replacements = fp8_replacements(self.tower_roots())
+        replacements = fp8_replacements(self.tower_roots(), self.fp8_norm_feeds())
         for parent, name, module in replacements:
             self.use_in_tower(parent, name, module)
-        return len(replacements)
+        return replaced_linears(replacements)
 
     # -- the engine's own modules in the vision tower ------------------------------------------------
     def use_in_tower(self, parent: torch.nn.Module, name: str, module: torch.nn.Module) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import VISION_ATTENTION_NAME, attention_implementation
+from ..fp8 import NormFeed
 from ..preprocess import (
     IMAGE_PAD, TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, VIDEO_PAD, QwenVLProcessor, normalization_table, normalize_frames,
     patchify, resized_image)
@@ -204,6 +205,13 @@ class QwenVLAdapter(ModelAdapter):
 
     def tower_roots(self) -> list[torch.nn.Module]:
         return [self.visual]  # blocks and merger (Qwen3-VL's DeepStack mergers too)
+
+    def fp8_norm_feeds(self) -> list[NormFeed]:
+        """transformers' Qwen vision block is `h + attn(norm1(h))`, `h + mlp(norm2(h))`, and its
+        attention reads its input only through `qkv`. (Qwen2.5-VL's norms are RMSNorms and fuse;
+        Qwen2-VL's and Qwen3-VL's LayerNorms are left to the compiler.)"""
+        return [feed for block in self.visual.blocks
+                for feed in (NormFeed(block, "norm1", block.attn, "qkv"), NormFeed(block, "norm2", block, "mlp"))]
 
     def fuse_vision(self) -> None:
         """The patch embedding as one GEMM inside the engine's tower calls (the model keeps its Conv3d)."""

@@ -1,0 +1,211 @@
+"""Per-row FP8 (e4m3) quantisation of activations, each in one pass over memory.
+
+An FP8 GEMM's input is quantised per row (token): the row's absolute maximum sets its scale.
+Compiled, a reduction over a 1280- or 3424-wide row is a looped kernel that reads the row once
+for the maximum and again to write (three times behind an RMSNorm: its variance, the maximum,
+the values), at half the memory's pace or less. Here one program holds one whole row in
+registers, reduces and writes it: one read, one write. Two producers are fused in:
+
+- `quantize_rows(x, norm_weight=...)`: an RMSNorm first (Qwen2.5-VL's tower: the norm's only
+  reader is the next linear, so the normed rows never go to memory in bf16);
+- `swiglu_quantize(gate_up, bias)`: a SwiGLU MLP's `silu(gate + b) * (up + b)`, from one GEMM's
+  output holding gate and up side by side, the MLP's widest activation read once.
+
+Each `*_reference` is the plain-torch definition its kernel is tested against, and the CPU path.
+`torch.ops.sparsevlm.quantize_rows` / `swiglu_quantize` are the kernels as opaque ops (the
+reference off CUDA), so compiled vision blocks keep each as one call.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+MAX_BLOCK = 16384  # widest row a program holds in registers; wider rows take the reference path
+
+
+def _scaled(x: torch.Tensor, padded_width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (M, K) -> e4m3 (M, padded_width) zero-padded past K, and (M, 1) fp32 scales."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))  # an all-zero row: scale 1, no NaN
+    values = (x / scale).clamp(-E4M3_MAX, E4M3_MAX)
+    if padded_width is not None and padded_width > x.shape[-1]:
+        values = torch.nn.functional.pad(values, (0, padded_width - x.shape[-1]))
+    return values.to(E4M3), scale
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen's RMSNorm: the variance in fp32, the normed rows rounded to x's dtype, times the weight."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def quantize_rows_reference(x: torch.Tensor, padded_width: int | None = None, norm_weight: torch.Tensor | None = None,
+                            eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (M, padded_width or K) e4m3 values and (M, 1) fp32 scales: row i is about
+    values[i, :K] * scales[i]. With `norm_weight`, of the RMSNorm of x rather than x."""
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
+    return _scaled(x.float(), padded_width)
+
+
+def swiglu_quantize_reference(gate_up: torch.Tensor, bias: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, 2P) gate and up side by side (+ (2P,) bias) -> silu(gate) * up quantised: (M, P), (M, 1)."""
+    gate_up = gate_up.float() + (0 if bias is None else bias.float())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _scaled(torch.nn.functional.silu(gate) * up, None)
+
+
+# Roundings are done here, to the nearest (ties to even) value of the narrow type, held in fp32;
+# the casts after them are then exact. Triton's interpreter (the CPU tests) truncates fp32 -> bf16
+# and mis-rounds fp32 -> e4m3 (126.8 became 64); the GPU's casts round to nearest already.
+@triton.jit
+def _round_mantissa(y, DROPPED_BITS: tl.constexpr):
+    """fp32 -> the nearest fp32 with the low DROPPED_BITS mantissa bits zero (normal range)."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits += (1 << (DROPPED_BITS - 1)) - 1 + ((bits >> DROPPED_BITS) & 1)
+    return (bits & ~((1 << DROPPED_BITS) - 1)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to_bf16(y):
+    return _round_mantissa(y, 16)
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    """|y| <= 448: 3 mantissa bits above 2^-6; below it, e4m3's subnormal steps of 2^-9 (adding
+    2^14 puts the fp32 rounding exactly there)."""
+    magnitude = tl.abs(y)
+    subnormal = (magnitude + 16384.0) - 16384.0
+    rounded = tl.where(magnitude < 0.015625, subnormal, _round_mantissa(magnitude, 20))
+    return tl.where(y < 0, -rounded, rounded)
+
+
+@triton.jit
+def _store_quantized(y, cols, Values, Scales, row, stride_v, padded_width, E4M3_MAX: tl.constexpr):
+    amax = tl.max(tl.abs(y), axis=0)
+    scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+    values = _round_to_e4m3(tl.clamp(y / scale, -E4M3_MAX, E4M3_MAX))
+    tl.store(Values + row * stride_v + cols, values.to(Values.dtype.element_ty), mask=cols < padded_width)
+    tl.store(Scales + row, scale)
+
+
+@triton.jit
+def _quantize_rows_kernel(X, NormWeight, Values, Scales, width, padded_width, stride_x, stride_v, eps,
+                          NORM: tl.constexpr, ROUND_NORMED: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
+                          E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < width
+    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0)
+    y = x.to(tl.float32)
+    if NORM:
+        variance = tl.sum(y * y, axis=0) / width
+        normed = y * tl.math.rsqrt(variance + eps)
+        if ROUND_NORMED:  # the module rounds the normed rows to their dtype (bf16 here) ...
+            normed = _round_to_bf16(normed)
+        y = normed * tl.load(NormWeight + cols, mask=inside, other=0.0).to(tl.float32)
+        if ROUND_PRODUCT:  # ... and their product with a weight of that dtype
+            y = _round_to_bf16(y)
+    _store_quantized(y, cols, Values, Scales, row, stride_v, padded_width, E4M3_MAX)
+
+
+@triton.jit
+def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, width, stride_g, stride_v,
+                            HAS_BIAS: tl.constexpr, E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < width
+    gate = tl.load(GateUp + row * stride_g + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(GateUp + row * stride_g + width + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        gate += tl.load(Bias + cols, mask=inside, other=0.0).to(tl.float32)
+        up += tl.load(Bias + width + cols, mask=inside, other=0.0).to(tl.float32)
+    y = gate * tl.sigmoid(gate) * up
+    _store_quantized(y, cols, Values, Scales, row, stride_v, width, E4M3_MAX)
+
+
+def _launch_shape(width: int) -> tuple[int, int]:
+    block = max(16, triton.next_power_of_2(width))
+    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be (rows, width); got {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm_weight: torch.Tensor | None = None,
+                  eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher; same contract as `quantize_rows_reference`."""
+    x = _rows(x, "x")
+    rows, width = x.shape
+    padded_width = width if padded_width is None else padded_width
+    if padded_width < width:
+        raise ValueError(f"padded_width {padded_width} is narrower than the rows ({width})")
+    if norm_weight is not None and norm_weight.shape != (width,):
+        raise ValueError(f"norm_weight of shape {tuple(norm_weight.shape)} for rows of {width}")
+    block, warps = _launch_shape(padded_width)
+    norm = norm_weight is not None
+    if block > MAX_BLOCK or (norm and x.dtype not in (torch.float32, torch.bfloat16)):  # rare: plain torch
+        return quantize_rows_reference(x, padded_width, norm_weight, eps)
+    values = torch.empty(rows, padded_width, dtype=E4M3, device=x.device)
+    scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        rounded = norm and x.dtype == torch.bfloat16
+        _quantize_rows_kernel[(rows,)](
+            x, norm_weight if norm else x, values, scales, width, padded_width, x.stride(0), values.stride(0), eps,
+            NORM=norm, ROUND_NORMED=rounded, ROUND_PRODUCT=rounded and norm_weight.dtype == torch.bfloat16,
+            E4M3_MAX=E4M3_MAX, BLOCK=block, num_warps=warps)
+    return values, scales
+
+
+def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher; same contract as `swiglu_quantize_reference`."""
+    gate_up = _rows(gate_up, "gate_up")
+    rows, both = gate_up.shape
+    if both % 2:
+        raise ValueError(f"gate_up holds gate and up side by side: an even width, not {both}")
+    width = both // 2
+    if bias is not None and bias.shape != (both,):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} for gate_up of width {both}")
+    block, warps = _launch_shape(width)
+    if block > MAX_BLOCK:
+        return swiglu_quantize_reference(gate_up, bias)
+    values = torch.empty(rows, width, dtype=E4M3, device=gate_up.device)
+    scales = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
+    if rows:
+        _swiglu_quantize_kernel[(rows,)](
+            gate_up, gate_up if bias is None else bias, values, scales, width, gate_up.stride(0), values.stride(0),
+            HAS_BIAS=bias is not None, E4M3_MAX=E4M3_MAX, BLOCK=block, num_warps=warps)
+    return values, scales
+
+
+@torch.library.custom_op("sparsevlm::quantize_rows", mutates_args=())
+def quantize_rows_op(x: torch.Tensor, padded_width: int, norm_weight: torch.Tensor | None,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    run = quantize_rows if x.is_cuda else quantize_rows_reference
+    return run(x, padded_width, norm_weight, eps)
+
+
+@quantize_rows_op.register_fake
+def _(x, padded_width, norm_weight, eps):
+    return x.new_empty((x.shape[0], padded_width), dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparsevlm::swiglu_quantize", mutates_args=())
+def swiglu_quantize_op(gate_up: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return (swiglu_quantize if gate_up.is_cuda else swiglu_quantize_reference)(gate_up, bias)
+
+
+@swiglu_quantize_op.register_fake
+def _(gate_up, bias):
+    rows = gate_up.shape[0]
+    return (gate_up.new_empty((rows, gate_up.shape[1] // 2), dtype=E4M3),
+            gate_up.new_empty((rows, 1), dtype=torch.float32))

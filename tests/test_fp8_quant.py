@@ -1,0 +1,103 @@
+"""The one-pass FP8 quantisation kernels (kernels/fp8_quant.py) against their plain-torch references.
+
+CPU runs the Triton interpreter (conftest), CUDA the compiled kernels. Tolerance: at least 99%
+of the e4m3 values are identical to the reference's, and every one is within one e4m3 step
+(relative 2^-3, or 2^-9 of the row's scale below e4m3's normal range): a different summation
+order (the norm's variance) or a different exp/rsqrt may tip a value across a rounding boundary,
+never further. Scales agree to 2^-7 relative (one bf16 rounding inside the norm, at most).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.fp8_quant import (
+    E4M3, quantize_rows, quantize_rows_reference, swiglu_quantize, swiglu_quantize_reference)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rows_case(rows: int, width: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random rows with the awkward ones in: all zero, tiny (e4m3 subnormals after scaling), one outlier."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=generator) * 3
+    if rows >= 3:
+        x[0] = 0
+        x[1, : width // 2] *= 1e-4  # half the row far below its maximum
+        x[2, 0] = 1e3
+    return x.to(DEVICE, dtype)
+
+
+def assert_quantized_close(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    (values, scales), (want_values, want_scales) = got, want
+    assert values.dtype == E4M3 and values.shape == want_values.shape and scales.shape == want_scales.shape
+    torch.testing.assert_close(scales, want_scales, rtol=2 ** -7, atol=0)
+    got_v, want_v = values.float(), want_values.float()
+    assert (got_v == want_v).float().mean().item() >= 0.99
+    step = torch.maximum(want_v.abs() * 2 ** -3, torch.full_like(want_v, 2 ** -9 * 448))  # in units of the scale
+    assert ((got_v - want_v).abs() <= step).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width,padded_width", [(1, 1, 16), (7, 37, 48), (33, 1280, 1280), (5, 3420, 3424)])
+def test_quantize_rows_equals_the_reference(rows, width, padded_width, dtype):
+    x = rows_case(rows, width, dtype, seed=width)
+    got = quantize_rows(x, padded_width)
+    assert_quantized_close(got, quantize_rows_reference(x, padded_width))
+    assert not got[0][:, width:].float().any()  # the padding is zero
+    if rows >= 3:
+        assert got[1][0].item() == 1.0 and not got[0][0].float().any()  # a zero row: scale 1, no NaN
+
+
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("rows,width", [(3, 24), (9, 1280), (4, 1000)])
+def test_quantize_rows_with_its_rms_norm_equals_the_reference(rows, width, dtype, weight_dtype):
+    x = rows_case(rows, width, dtype, seed=width + 1)
+    generator = torch.Generator().manual_seed(width)
+    weight = (torch.rand(width, generator=generator) + 0.5).to(DEVICE, weight_dtype)
+    padded = -(-width // 16) * 16
+    got = quantize_rows(x, padded, norm_weight=weight, eps=1e-6)
+    assert_quantized_close(got, quantize_rows_reference(x, padded, norm_weight=weight, eps=1e-6))
+
+
+def test_quantize_rows_reads_strided_rows():
+    x = rows_case(6, 64, torch.float32, seed=3)[:, :40]  # a column slice: row stride 64
+    assert_quantized_close(quantize_rows(x, 48), quantize_rows_reference(x, 48))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width,bias", [(1, 16, False), (6, 24, True), (17, 3424, True), (3, 1712, False)])
+def test_swiglu_quantize_equals_the_reference(rows, width, bias, dtype):
+    gate_up = rows_case(rows, 2 * width, dtype, seed=width + rows)
+    generator = torch.Generator().manual_seed(rows)
+    bias_values = torch.randn(2 * width, generator=generator).to(DEVICE) if bias else None
+    got = swiglu_quantize(gate_up, bias_values)
+    assert got[0].shape == (rows, width)
+    assert_quantized_close(got, swiglu_quantize_reference(gate_up, bias_values))
+
+
+def test_the_launchers_refuse_what_they_cannot_take():
+    x = torch.zeros(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="narrower"):
+        quantize_rows(x, 4)
+    with pytest.raises(ValueError, match="norm_weight"):
+        quantize_rows(x, 16, norm_weight=torch.ones(7, device=DEVICE))
+    with pytest.raises(ValueError, match="even width"):
+        swiglu_quantize(torch.zeros(2, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="rows, width"):
+        swiglu_quantize(torch.zeros(8, device=DEVICE))
+
+
+def test_empty_inputs_give_empty_outputs():
+    values, scales = quantize_rows(torch.zeros(0, 20, device=DEVICE), 32)
+    assert values.shape == (0, 32) and scales.shape == (0, 1)
+
+
+def test_the_ops_fake_shapes_agree_with_their_kernels():
+    """What a compiled graph is told (the fake implementations) matches what the ops return."""
+    x, weight = torch.randn(5, 40), torch.rand(40) + 0.5
+    torch.library.opcheck(torch.ops.sparsevlm.quantize_rows.default, (x, 48, weight, 1e-6))
+    torch.library.opcheck(torch.ops.sparsevlm.quantize_rows.default, (x, 40, None, 0.0))
+    torch.library.opcheck(torch.ops.sparsevlm.swiglu_quantize.default, (torch.randn(3, 32), torch.randn(32)))
