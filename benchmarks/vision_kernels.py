@@ -6,7 +6,10 @@ of 80, MLP 3420, windows of 64 patches): each option's time per call and its rat
 Attention (per block over the pack): FlashAttention varlen (what the engine ran), our window
 kernel, and SDPA over a (windows | images, heads, L, 80) batch with each backend. GEMMs (per
 block): bf16 `mm` against FP8 e4m3 `torch._scaled_mm` with row-wise scales, with and without the
-cost of quantising the activation. Medians of CUDA-event timings after warm-up.
+cost of quantising the activation. FP8 activation quantisation (per block, kernels/fp8_quant.py):
+our one-pass kernels over a sweep of rows per program and warps (the first row of each shape is
+the default launch), against the compiled plain-torch reference. Medians of CUDA-event timings
+after warm-up.
 """
 
 from __future__ import annotations
@@ -112,19 +115,62 @@ def gemm_rows(images: int) -> list[dict]:
     return rows
 
 
+def quantise_rows(images: int) -> list[dict]:
+    from kernels.fp8_quant import launch_shape, quantize_rows, quantize_rows_reference, swiglu_quantize, \
+        swiglu_quantize_reference
+
+    tokens = images * PATCHES
+    mlp = -(-MLP // 16) * 16
+    x = torch.randn(tokens, WIDTH, device="cuda", dtype=torch.bfloat16)
+    weight = torch.rand(WIDTH, device="cuda", dtype=torch.bfloat16) + 0.5
+    gate_up = torch.randn(tokens, 2 * mlp, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(2 * mlp, device="cuda")
+    cases = {  # shape: (our kernel with launch overrides, the reference, width, bytes moved)
+        f"norm+quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, weight, 1e-6, **o),
+                                            lambda: quantize_rows_reference(x, WIDTH, weight, 1e-6), WIDTH,
+                                            tokens * WIDTH * 3),
+        f"quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, **o), lambda: quantize_rows_reference(x),
+                                       WIDTH, tokens * WIDTH * 3),
+        f"swiglu+quantise {tokens}x{mlp}": (lambda **o: swiglu_quantize(gate_up, bias, **o),
+                                            lambda: swiglu_quantize_reference(gate_up, bias), mlp, tokens * mlp * 5),
+    }
+    rows = []
+    for shape, (ours, reference, width, moved) in cases.items():
+        default = launch_shape(width)
+        options = {f"ours default ({default['ROWS']} rows, {default['num_warps']} warps)": ours}
+        options.update({f"ours {r} rows, {w} warps": (lambda r=r, w=w: ours(rows_per_program=r, num_warps=w))
+                        for r in (1, 2, 4, 8, 16) for w in (4, 8, 16)})
+        options["compiled torch reference"] = torch.compile(reference)
+        for option, fn in options.items():
+            try:
+                ms = cuda_ms(fn)
+            except Exception as error:  # noqa: BLE001  a launch too big for the registers: reported, not fatal
+                rows.append({"kind": "quantise", "shape": shape, "option": option, "error": str(error)[:160]})
+                continue
+            rows.append({"kind": "quantise", "shape": shape, "option": option, "ms": ms, "gb_per_s": moved / ms / 1e6,
+                         "ms_per_image": ms / images})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--parts", default="attention,gemm,quantise", help="comma-separated: which kernels to time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    rows = attention_rows(args.images) + gemm_rows(args.images)
+    parts = {"attention": attention_rows, "gemm": gemm_rows, "quantise": quantise_rows}
+    unknown = set(args.parts.split(",")) - set(parts)
+    if unknown:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {sorted(parts)}")
+    rows = [row for name in args.parts.split(",") for row in parts[name](args.images)]
     for row in rows:
         where = row.get("span") or row.get("shape")
         if "error" in row:
             print(f"{row['kind']:<9} {where:<26} {row['option']:<28} error: {row['error']}")
         else:
-            print(f"{row['kind']:<9} {where:<26} {row['option']:<28} {row['ms']:8.3f} ms  "
-                  f"{row['tflops_per_s']:6.0f} TFLOP/s  {row['ms_per_image']:.4f} ms/image")
+            rate = f"{row['tflops_per_s']:6.0f} TFLOP/s" if "tflops_per_s" in row else f"{row['gb_per_s']:6.0f} GB/s"
+            print(f"{row['kind']:<9} {where:<26} {row['option']:<28} {row['ms']:8.3f} ms  {rate}  "
+                  f"{row['ms_per_image']:.4f} ms/image")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(["python -m benchmarks.vision_kernels", *sys.argv[1:]]),

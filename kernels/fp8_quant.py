@@ -13,7 +13,8 @@ registers, reduces and writes it: one read, one write. Two producers are fused i
 
 Each `*_reference` is the plain-torch definition its kernel is tested against, and the CPU path.
 `torch.ops.sparsevlm.quantize_rows` / `swiglu_quantize` are the kernels as opaque ops (the
-reference off CUDA), so compiled vision blocks keep each as one call.
+reference off CUDA), so compiled vision blocks keep each as one call. A program takes several
+rows when they are narrow (`launch_shape`), so each has enough to stream.
 """
 
 from __future__ import annotations
@@ -87,52 +88,62 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _store_quantized(y, cols, Values, Scales, row, stride_v, padded_width, E4M3_MAX: tl.constexpr):
-    amax = tl.max(tl.abs(y), axis=0)
+def _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_width, E4M3_MAX: tl.constexpr):
+    """y: (ROWS, BLOCK) fp32, zero past each row's width -> e4m3 values and a scale per row."""
+    amax = tl.max(tl.abs(y), axis=1)
     scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
-    values = _round_to_e4m3(tl.clamp(y / scale, -E4M3_MAX, E4M3_MAX))
-    tl.store(Values + row * stride_v + cols, values.to(Values.dtype.element_ty), mask=cols < padded_width)
-    tl.store(Scales + row, scale)
+    values = _round_to_e4m3(tl.clamp(y / scale[:, None], -E4M3_MAX, E4M3_MAX))
+    mask = (rows < n_rows)[:, None] & (cols < padded_width)[None, :]
+    tl.store(Values + rows[:, None] * stride_v + cols[None, :], values.to(Values.dtype.element_ty), mask=mask)
+    tl.store(Scales + rows, scale, mask=rows < n_rows)
 
 
 @triton.jit
-def _quantize_rows_kernel(X, NormWeight, Values, Scales, width, padded_width, stride_x, stride_v, eps,
+def _quantize_rows_kernel(X, NormWeight, Values, Scales, n_rows, width, padded_width, stride_x, stride_v, eps,
                           NORM: tl.constexpr, ROUND_NORMED: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
-                          E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+                          E4M3_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    inside = cols < width
-    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0)
+    inside = (rows < n_rows)[:, None] & (cols < width)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
     y = x.to(tl.float32)
     if NORM:
-        variance = tl.sum(y * y, axis=0) / width
-        normed = y * tl.math.rsqrt(variance + eps)
+        variance = tl.sum(y * y, axis=1) / width
+        normed = y * tl.math.rsqrt(variance + eps)[:, None]
         if ROUND_NORMED:  # the module rounds the normed rows to their dtype (bf16 here) ...
             normed = _round_to_bf16(normed)
-        y = normed * tl.load(NormWeight + cols, mask=inside, other=0.0).to(tl.float32)
+        y = normed * tl.load(NormWeight + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
         if ROUND_PRODUCT:  # ... and their product with a weight of that dtype
             y = _round_to_bf16(y)
-    _store_quantized(y, cols, Values, Scales, row, stride_v, padded_width, E4M3_MAX)
+    _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_width, E4M3_MAX)
 
 
 @triton.jit
-def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, width, stride_g, stride_v,
-                            HAS_BIAS: tl.constexpr, E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, n_rows, width, stride_g, stride_v,
+                            HAS_BIAS: tl.constexpr, E4M3_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    inside = cols < width
-    gate = tl.load(GateUp + row * stride_g + cols, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(GateUp + row * stride_g + width + cols, mask=inside, other=0.0).to(tl.float32)
+    inside = (rows < n_rows)[:, None] & (cols < width)[None, :]
+    offsets = rows[:, None] * stride_g + cols[None, :]
+    gate = tl.load(GateUp + offsets, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(GateUp + offsets + width, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        gate += tl.load(Bias + cols, mask=inside, other=0.0).to(tl.float32)
-        up += tl.load(Bias + width + cols, mask=inside, other=0.0).to(tl.float32)
-    y = gate * tl.sigmoid(gate) * up
-    _store_quantized(y, cols, Values, Scales, row, stride_v, width, E4M3_MAX)
+        gate += tl.load(Bias + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(Bias + width + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+    y = gate * tl.sigmoid(gate) * up  # a row past the end: gate = bias, but it is not stored
+    _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, width, E4M3_MAX)
 
 
-def _launch_shape(width: int) -> tuple[int, int]:
+ELEMENTS_PER_PROGRAM = 8192  # rows per program: enough work for each to stream, not so much it spills
+
+
+def launch_shape(width: int, rows_per_program: int | None = None, num_warps: int | None = None) -> dict:
+    """Block width, rows per program and warps for rows of `width` (the defaults, or the overrides
+    benchmarks/vision_kernels.py sweeps)."""
     block = max(16, triton.next_power_of_2(width))
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+    rows = rows_per_program or max(1, ELEMENTS_PER_PROGRAM // block)
+    warps = num_warps or (4 if rows * block <= 2048 else 8 if rows * block <= 8192 else 16)
+    return {"BLOCK": block, "ROWS": rows, "num_warps": warps}
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -142,8 +153,8 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm_weight: torch.Tensor | None = None,
-                  eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher; same contract as `quantize_rows_reference`."""
+                  eps: float = 0.0, **launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher; same contract as `quantize_rows_reference` (`launch`: see `launch_shape`)."""
     x = _rows(x, "x")
     rows, width = x.shape
     padded_width = width if padded_width is None else padded_width
@@ -151,23 +162,24 @@ def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm_weight:
         raise ValueError(f"padded_width {padded_width} is narrower than the rows ({width})")
     if norm_weight is not None and norm_weight.shape != (width,):
         raise ValueError(f"norm_weight of shape {tuple(norm_weight.shape)} for rows of {width}")
-    block, warps = _launch_shape(padded_width)
+    shape = launch_shape(padded_width, **launch)
     norm = norm_weight is not None
-    if block > MAX_BLOCK or (norm and x.dtype not in (torch.float32, torch.bfloat16)):  # rare: plain torch
+    if shape["BLOCK"] > MAX_BLOCK or (norm and x.dtype not in (torch.float32, torch.bfloat16)):  # rare: plain torch
         return quantize_rows_reference(x, padded_width, norm_weight, eps)
     values = torch.empty(rows, padded_width, dtype=E4M3, device=x.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
         rounded = norm and x.dtype == torch.bfloat16
-        _quantize_rows_kernel[(rows,)](
-            x, norm_weight if norm else x, values, scales, width, padded_width, x.stride(0), values.stride(0), eps,
-            NORM=norm, ROUND_NORMED=rounded, ROUND_PRODUCT=rounded and norm_weight.dtype == torch.bfloat16,
-            E4M3_MAX=E4M3_MAX, BLOCK=block, num_warps=warps)
+        _quantize_rows_kernel[(triton.cdiv(rows, shape["ROWS"]),)](
+            x, norm_weight if norm else x, values, scales, rows, width, padded_width, x.stride(0), values.stride(0),
+            eps, NORM=norm, ROUND_NORMED=rounded, ROUND_PRODUCT=rounded and norm_weight.dtype == torch.bfloat16,
+            E4M3_MAX=E4M3_MAX, **shape)
     return values, scales
 
 
-def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher; same contract as `swiglu_quantize_reference`."""
+def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None, **launch
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher; same contract as `swiglu_quantize_reference` (`launch`: see `launch_shape`)."""
     gate_up = _rows(gate_up, "gate_up")
     rows, both = gate_up.shape
     if both % 2:
@@ -175,15 +187,15 @@ def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> 
     width = both // 2
     if bias is not None and bias.shape != (both,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for gate_up of width {both}")
-    block, warps = _launch_shape(width)
-    if block > MAX_BLOCK:
+    shape = launch_shape(width, **launch)
+    if shape["BLOCK"] > MAX_BLOCK:
         return swiglu_quantize_reference(gate_up, bias)
     values = torch.empty(rows, width, dtype=E4M3, device=gate_up.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
     if rows:
-        _swiglu_quantize_kernel[(rows,)](
-            gate_up, gate_up if bias is None else bias, values, scales, width, gate_up.stride(0), values.stride(0),
-            HAS_BIAS=bias is not None, E4M3_MAX=E4M3_MAX, BLOCK=block, num_warps=warps)
+        _swiglu_quantize_kernel[(triton.cdiv(rows, shape["ROWS"]),)](
+            gate_up, gate_up if bias is None else bias, values, scales, rows, width, gate_up.stride(0),
+            values.stride(0), HAS_BIAS=bias is not None, E4M3_MAX=E4M3_MAX, **shape)
     return values, scales
 
 

@@ -62,6 +62,19 @@ def test_quantize_rows_with_its_rms_norm_equals_the_reference(rows, width, dtype
     assert_quantized_close(got, quantize_rows_reference(x, padded, norm_weight=weight, eps=1e-6))
 
 
+@pytest.mark.parametrize("rows_per_program,num_warps", [(1, 4), (3, 8), (16, 4)])
+def test_every_launch_shape_gives_the_same_result(rows_per_program, num_warps):
+    """The benchmark's sweep: any rows per program (a last program part empty) and warps."""
+    x = rows_case(21, 300, torch.bfloat16, seed=9)
+    weight = torch.linspace(0.5, 1.5, 300, device=DEVICE)
+    launch = {"rows_per_program": rows_per_program, "num_warps": num_warps}
+    want = quantize_rows(x, 304, weight, 1e-6)
+    got = quantize_rows(x, 304, weight, 1e-6, **launch)
+    assert torch.equal(got[0].float(), want[0].float()) and torch.equal(got[1], want[1])
+    gate_up = rows_case(21, 2 * 304, torch.bfloat16, seed=10)
+    assert_quantized_close(swiglu_quantize(gate_up, **launch), swiglu_quantize_reference(gate_up))
+
+
 def test_quantize_rows_reads_strided_rows():
     x = rows_case(6, 64, torch.float32, seed=3)[:, :40]  # a column slice: row stride 64
     assert_quantized_close(quantize_rows(x, 48), quantize_rows_reference(x, 48))
