@@ -142,6 +142,8 @@ def launch_shape(width: int, rows_per_program: int | None = None, num_warps: int
     benchmarks/vision_kernels.py sweeps)."""
     block = max(16, triton.next_power_of_2(width))
     rows = rows_per_program or max(1, ELEMENTS_PER_PROGRAM // block)
+    if rows & (rows - 1):
+        raise ValueError(f"rows_per_program must be a power of 2, not {rows}")
     warps = num_warps or (4 if rows * block <= 2048 else 8 if rows * block <= 8192 else 16)
     return {"BLOCK": block, "ROWS": rows, "num_warps": warps}
 
