@@ -152,3 +152,19 @@ def test_on_a_jobs_images_each_timed_run_takes_rows_no_other_run_saw(processor, 
     assert row["batch_size"] == 2 and len(row["runs_s"]) == 3 and row["samples_per_s"] == 2 / row["seconds"]
     with pytest.raises(RuntimeError, match="short"):
         vllm_baseline.measure_parquet(FakeLLM(short=2), FakeSamplingParams, processor, path, "What is it?", 16)
+
+
+def test_a_variant_vllm_cannot_build_is_reported_and_the_others_keep_their_rows(monkeypatch, capsys):
+    """Seen on the GPU machine: the staged vLLM's FP8 path imports a package it lacks."""
+    import sys
+    import types
+
+    def make_llm(**kwargs):
+        if kwargs.get("quantization") == "fp8":
+            raise ModuleNotFoundError("No module named 'compressed_tensors'")
+        return FakeLLM()
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=make_llm, SamplingParams=FakeSamplingParams))
+    rows = vllm_baseline.run("qwen2_5_vl_7b", ["vqa-256"], {"vqa-256": 2}, repeats=1, evs=None, fp8=True)
+    assert [(r["workload"], r["system"]) for r in rows] == [("vqa-256", "vllm_dense")]
+    assert "vllm_fp8: not measured" in capsys.readouterr().err
