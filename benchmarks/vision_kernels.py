@@ -125,18 +125,18 @@ def quantise_rows(images: int) -> list[dict]:
     weight = torch.rand(WIDTH, device="cuda", dtype=torch.bfloat16) + 0.5
     gate_up = torch.randn(tokens, 2 * mlp, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(2 * mlp, device="cuda")
-    cases = {  # shape: (our kernel with launch overrides, the reference, width, bytes moved)
+    cases = {  # shape: (our kernel with launch overrides, the reference, width, bytes moved, its default warps)
         f"norm+quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, weight, 1e-6, **o),
                                             lambda: quantize_rows_reference(x, WIDTH, weight, 1e-6), WIDTH,
-                                            tokens * WIDTH * 3),
+                                            tokens * WIDTH * 3, 4),
         f"quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, **o), lambda: quantize_rows_reference(x),
-                                       WIDTH, tokens * WIDTH * 3),
+                                       WIDTH, tokens * WIDTH * 3, 4),
         f"swiglu+quantise {tokens}x{mlp}": (lambda **o: swiglu_quantize(gate_up, bias, **o),
-                                            lambda: swiglu_quantize_reference(gate_up, bias), mlp, tokens * mlp * 5),
+                                            lambda: swiglu_quantize_reference(gate_up, bias), mlp, tokens * mlp * 5, 8),
     }
     rows = []
-    for shape, (ours, reference, width, moved) in cases.items():
-        default = launch_shape(width)
+    for shape, (ours, reference, width, moved, warps) in cases.items():
+        default = launch_shape(width, default_warps=warps)
         options = {f"ours default ({default['ROWS']} rows, {default['num_warps']} warps)": ours}
         options.update({f"ours {r} rows, {w} warps": (lambda r=r, w=w: ours(rows_per_program=r, num_warps=w))
                         for r in (1, 2, 4, 8) for w in (4, 8)})

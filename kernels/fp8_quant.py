@@ -134,17 +134,20 @@ def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, n_rows, width, stride_
     _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, width, E4M3_MAX)
 
 
-ELEMENTS_PER_PROGRAM = 8192  # rows per program: enough work for each to stream, not so much it spills
+# Launch defaults from the H100 sweep (benchmarks/results/h100_vision_kernels_quantise.json): ~4096
+# elements per program; 4 warps for a row quantisation, 8 for SwiGLU (which reads two per value).
+ELEMENTS_PER_PROGRAM = 4096
 
 
-def launch_shape(width: int, rows_per_program: int | None = None, num_warps: int | None = None) -> dict:
+def launch_shape(width: int, rows_per_program: int | None = None, num_warps: int | None = None,
+                 default_warps: int = 4) -> dict:
     """Block width, rows per program and warps for rows of `width` (the defaults, or the overrides
     benchmarks/vision_kernels.py sweeps)."""
     block = max(16, triton.next_power_of_2(width))
     rows = rows_per_program or max(1, ELEMENTS_PER_PROGRAM // block)
     if rows & (rows - 1):
         raise ValueError(f"rows_per_program must be a power of 2, not {rows}")
-    warps = num_warps or (4 if rows * block <= 2048 else 8 if rows * block <= 8192 else 16)
+    warps = num_warps or (default_warps if rows * block <= 8192 else 16)
     return {"BLOCK": block, "ROWS": rows, "num_warps": warps}
 
 
@@ -189,7 +192,7 @@ def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None, **l
     width = both // 2
     if bias is not None and bias.shape != (both,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for gate_up of width {both}")
-    shape = launch_shape(width, **launch)
+    shape = launch_shape(width, default_warps=8, **launch)
     if shape["BLOCK"] > MAX_BLOCK:
         return swiglu_quantize_reference(gate_up, bias)
     values = torch.empty(rows, width, dtype=E4M3, device=gate_up.device)
