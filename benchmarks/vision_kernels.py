@@ -126,8 +126,8 @@ def quantise_rows(images: int) -> list[dict]:
     gate_up = torch.randn(tokens, 2 * mlp, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(2 * mlp, device="cuda")
     cases = {  # shape: (our kernel with launch overrides, the reference, width, bytes moved, its default warps)
-        f"norm+quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, weight, 1e-6, **o),
-                                            lambda: quantize_rows_reference(x, WIDTH, weight, 1e-6), WIDTH,
+        f"rmsnorm+quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, "rms", weight, None, 1e-6, **o),
+                                            lambda: quantize_rows_reference(x, WIDTH, "rms", weight, None, 1e-6), WIDTH,
                                             tokens * WIDTH * 3, 4),
         f"quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, **o), lambda: quantize_rows_reference(x),
                                        WIDTH, tokens * WIDTH * 3, 4),

@@ -6,8 +6,9 @@ for the maximum and again to write (three times behind an RMSNorm: its variance,
 the values), at half the memory's pace or less. Here one program holds one whole row in
 registers, reduces and writes it: one read, one write. Two producers are fused in:
 
-- `quantize_rows(x, norm_weight=...)`: an RMSNorm first (Qwen2.5-VL's tower: the norm's only
-  reader is the next linear, so the normed rows never go to memory in bf16);
+- `quantize_rows(x, norm="rms" | "layer", norm_weight=...)`: an RMSNorm (Qwen2.5-VL's tower) or a
+  LayerNorm (Qwen2-VL's, Qwen3-VL's, CLIP's, SigLIP's) first, where the norm's only reader is the
+  next linear: the normed rows never go to memory in bf16;
 - `swiglu_quantize(gate_up, bias)`: a SwiGLU MLP's `silu(gate + b) * (up + b)`, from one GEMM's
   output holding gate and up side by side, the MLP's widest activation read once.
 
@@ -38,19 +39,30 @@ def _scaled(x: torch.Tensor, padded_width: int | None) -> tuple[torch.Tensor, to
     return values.to(E4M3), scale
 
 
+NORMS = {"none": 0, "rms": 1, "layer": 2}  # what `quantize_rows` may compute before quantising
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen's RMSNorm: the variance in fp32, the normed rows rounded to x's dtype, times the weight."""
     variance = x.float().pow(2).mean(-1, keepdim=True)
     return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-def quantize_rows_reference(x: torch.Tensor, padded_width: int | None = None, norm_weight: torch.Tensor | None = None,
+def normed_reference(x: torch.Tensor, norm: str, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     eps: float) -> torch.Tensor:
+    if norm == "rms":
+        return rms_norm_reference(x, weight, eps)
+    if norm == "layer":
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return x
+
+
+def quantize_rows_reference(x: torch.Tensor, padded_width: int | None = None, norm: str = "none",
+                            norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
                             eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> (M, padded_width or K) e4m3 values and (M, 1) fp32 scales: row i is about
-    values[i, :K] * scales[i]. With `norm_weight`, of the RMSNorm of x rather than x."""
-    if norm_weight is not None:
-        x = rms_norm_reference(x, norm_weight, eps)
-    return _scaled(x.float(), padded_width)
+    values[i, :K] * scales[i]. With `norm`, of the RMSNorm or LayerNorm of x rather than x."""
+    return _scaled(normed_reference(x, norm, norm_weight, norm_bias, eps).float(), padded_width)
 
 
 def swiglu_quantize_reference(gate_up: torch.Tensor, bias: torch.Tensor | None = None
@@ -99,21 +111,31 @@ def _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_wid
 
 
 @triton.jit
-def _quantize_rows_kernel(X, NormWeight, Values, Scales, n_rows, width, padded_width, stride_x, stride_v, eps,
-                          NORM: tl.constexpr, ROUND_NORMED: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
-                          E4M3_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(X, NormWeight, NormBias, Values, Scales, n_rows, width, padded_width, stride_x, stride_v,
+                          eps, NORM: tl.constexpr, NORM_BIAS: tl.constexpr, ROUND_NORMED: tl.constexpr,
+                          ROUND_PRODUCT: tl.constexpr, E4M3_MAX: tl.constexpr, ROWS: tl.constexpr,
+                          BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     inside = (rows < n_rows)[:, None] & (cols < width)[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
     y = x.to(tl.float32)
-    if NORM:
+    if NORM == 1:  # RMSNorm
         variance = tl.sum(y * y, axis=1) / width
         normed = y * tl.math.rsqrt(variance + eps)[:, None]
         if ROUND_NORMED:  # the module rounds the normed rows to their dtype (bf16 here) ...
             normed = _round_to_bf16(normed)
         y = normed * tl.load(NormWeight + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
         if ROUND_PRODUCT:  # ... and their product with a weight of that dtype
+            y = _round_to_bf16(y)
+    if NORM == 2:  # LayerNorm: fp32 throughout, rounded once at the end to the rows' dtype
+        centered = tl.where(inside, y - (tl.sum(y, axis=1) / width)[:, None], 0.0)
+        variance = tl.sum(centered * centered, axis=1) / width
+        y = centered * tl.math.rsqrt(variance + eps)[:, None]
+        y *= tl.load(NormWeight + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+        if NORM_BIAS:
+            y += tl.load(NormBias + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+        if ROUND_NORMED:
             y = _round_to_bf16(y)
     _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_width, E4M3_MAX)
 
@@ -157,28 +179,37 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm_weight: torch.Tensor | None = None,
-                  eps: float = 0.0, **launch) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm: str = "none",
+                  norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, eps: float = 0.0,
+                  **launch) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher; same contract as `quantize_rows_reference` (`launch`: see `launch_shape`)."""
     x = _rows(x, "x")
     rows, width = x.shape
     padded_width = width if padded_width is None else padded_width
     if padded_width < width:
         raise ValueError(f"padded_width {padded_width} is narrower than the rows ({width})")
-    if norm_weight is not None and norm_weight.shape != (width,):
-        raise ValueError(f"norm_weight of shape {tuple(norm_weight.shape)} for rows of {width}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {sorted(NORMS)}, not {norm!r}")
+    if norm != "none" and (norm_weight is None or norm_weight.shape != (width,)):
+        raise ValueError(f"a {norm} norm needs a norm_weight of shape ({width},), "
+                         f"not {None if norm_weight is None else tuple(norm_weight.shape)}")
+    if norm_bias is not None and (norm != "layer" or norm_bias.shape != (width,)):
+        raise ValueError(f"norm_bias goes with a layer norm over {width}")
     shape = launch_shape(padded_width, **launch)
-    norm = norm_weight is not None
-    if shape["BLOCK"] > MAX_BLOCK or (norm and x.dtype not in (torch.float32, torch.bfloat16)):  # rare: plain torch
-        return quantize_rows_reference(x, padded_width, norm_weight, eps)
+    plain_torch = norm != "none" and (x.dtype not in (torch.float32, torch.bfloat16) or
+                                      (norm == "layer" and norm_weight.dtype != x.dtype))
+    if shape["BLOCK"] > MAX_BLOCK or plain_torch:  # rare: fp16 rows, mixed LayerNorm dtypes, very wide rows
+        return quantize_rows_reference(x, padded_width, norm, norm_weight, norm_bias, eps)
     values = torch.empty(rows, padded_width, dtype=E4M3, device=x.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
-        rounded = norm and x.dtype == torch.bfloat16
+        rounded = norm != "none" and x.dtype == torch.bfloat16
         _quantize_rows_kernel[(triton.cdiv(rows, shape["ROWS"]),)](
-            x, norm_weight if norm else x, values, scales, rows, width, padded_width, x.stride(0), values.stride(0),
-            eps, NORM=norm, ROUND_NORMED=rounded, ROUND_PRODUCT=rounded and norm_weight.dtype == torch.bfloat16,
-            E4M3_MAX=E4M3_MAX, **shape)
+            x, x if norm_weight is None else norm_weight, x if norm_bias is None else norm_bias, values, scales,
+            rows, width, padded_width, x.stride(0), values.stride(0), eps, NORM=NORMS[norm],
+            NORM_BIAS=norm_bias is not None, ROUND_NORMED=rounded,
+            ROUND_PRODUCT=rounded and norm == "rms" and norm_weight.dtype == torch.bfloat16, E4M3_MAX=E4M3_MAX,
+            **shape)
     return values, scales
 
 
@@ -205,14 +236,14 @@ def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None, **l
 
 
 @torch.library.custom_op("sparsevlm::quantize_rows", mutates_args=())
-def quantize_rows_op(x: torch.Tensor, padded_width: int, norm_weight: torch.Tensor | None,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_op(x: torch.Tensor, padded_width: int, norm: str, norm_weight: torch.Tensor | None,
+                     norm_bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     run = quantize_rows if x.is_cuda else quantize_rows_reference
-    return run(x, padded_width, norm_weight, eps)
+    return run(x, padded_width, norm, norm_weight, norm_bias, eps)
 
 
 @quantize_rows_op.register_fake
-def _(x, padded_width, norm_weight, eps):
+def _(x, padded_width, norm, norm_weight, norm_bias, eps):
     return x.new_empty((x.shape[0], padded_width), dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 

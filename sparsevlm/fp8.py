@@ -9,7 +9,7 @@ applies both scales in fp32 before rounding to the output dtype.
 
 Quantising an activation is a pass over it; kernels/fp8_quant.py makes it one pass, with its
 producer fused in where the block's structure allows (the adapter names those places):
-- an RMSNorm whose only reader is the next linear is computed inside that linear's quantisation
+- an RMSNorm or LayerNorm whose only reader is the next linear is computed inside that linear's quantisation
   (`Fp8Linear(input_norm=...)`; the norm itself becomes the identity in the engine's calls);
 - a SwiGLU MLP, `down(silu(gate(x)) * up(x))`, runs gate and up as one GEMM, and the bias, the
   activation, the product and down's quantisation as one kernel (`Fp8SwiGLU`).
@@ -42,21 +42,35 @@ def _round_up(n: int, multiple: int = ALIGN) -> int:
     return -(-n // multiple) * multiple
 
 
-def rms_norm_parameters(norm: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
-    """(weight, eps) of a Llama/Qwen-style RMSNorm (`weight * normed.to(dtype)`), which the
-    quantisation kernel can compute itself; None for any other norm."""
-    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None \
-            or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
-        return None
-    return weight, eps
+@dataclass(frozen=True)
+class FusedNorm:
+    """A norm the quantisation kernel computes itself: kind ("rms" or "layer"), weight, bias, eps."""
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, norm: torch.nn.Module) -> "FusedNorm | None":
+        """A Llama/Qwen-style RMSNorm (`weight * normed.to(dtype)`) or an affine `nn.LayerNorm` over
+        the last dimension; None for any other norm (left to the compiler)."""
+        if isinstance(norm, torch.nn.LayerNorm):
+            if norm.weight is None or len(norm.normalized_shape) != 1:
+                return None
+            return cls("layer", norm.weight.detach(), None if norm.bias is None else norm.bias.detach(), norm.eps)
+        weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+        if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None \
+                or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+            return None
+        return cls("rms", weight.detach(), None, eps)
 
 
 class Fp8Linear(torch.nn.Module):
     """`x @ weight.T + bias` in e4m3 with per-row scales, from a copy of the weight (the model's
     linear is untouched: `model.generate` and the bf16 path keep it). Takes its input at its
     width or zero-padded to a multiple of 16; with `pad_output` returns its output zero-padded
-    likewise; with `input_norm` (an RMSNorm) quantises the norm of its input."""
+    likewise; with `input_norm` (an RMSNorm or LayerNorm) quantises the norm of its input."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pad_output: bool = False,
                  input_norm: torch.nn.Module | None = None):
@@ -72,11 +86,14 @@ class Fp8Linear(torch.nn.Module):
         if bias is not None and pad_output:
             bias = torch.nn.functional.pad(bias, (0, padded_out - out_features))
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
-        norm = None if input_norm is None else rms_norm_parameters(input_norm)
-        if input_norm is not None and (norm is None or norm[0].shape != (in_features,)):
-            raise ValueError(f"Fp8Linear fuses an RMSNorm over its {in_features} inputs, not {input_norm}")
-        self.register_buffer("norm_weight", None if norm is None else norm[0].detach(), persistent=False)
-        self.norm_eps = 0.0 if norm is None else norm[1]
+        norm = None if input_norm is None else FusedNorm.of(input_norm)
+        if input_norm is not None and (norm is None or norm.weight.shape != (in_features,)):
+            raise ValueError(f"Fp8Linear fuses an RMSNorm or affine LayerNorm over its {in_features} inputs, "
+                             f"not {input_norm}")
+        self.norm_kind = "none" if norm is None else norm.kind
+        self.norm_eps = 0.0 if norm is None else norm.eps
+        self.register_buffer("norm_weight", None if norm is None else norm.weight, persistent=False)
+        self.register_buffer("norm_bias", None if norm is None else norm.bias, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **options) -> "Fp8Linear":
@@ -85,10 +102,12 @@ class Fp8Linear(torch.nn.Module):
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, K or padded K) activations -> (M, padded K) e4m3 and (M, 1) scales (of the norm, if fused)."""
         width = x.shape[-1]
-        if width != self.in_features and (width != self.padded_in or self.norm_weight is not None):
-            padded = "" if self.norm_weight is not None else f" (or {self.padded_in} zero-padded)"
+        fused = self.norm_kind != "none"
+        if width != self.in_features and (width != self.padded_in or fused):
+            padded = "" if fused else f" (or {self.padded_in} zero-padded)"
             raise ValueError(f"Fp8Linear takes {self.in_features} features{padded}, not {width}")
-        return torch.ops.sparsevlm.quantize_rows(x, self.padded_in, self.norm_weight, self.norm_eps)
+        return torch.ops.sparsevlm.quantize_rows(x, self.padded_in, self.norm_kind, self.norm_weight, self.norm_bias,
+                                                 self.norm_eps)
 
     def multiply(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Quantised (M, padded K) activations -> (M, N) (padded N with `pad_output`) in `dtype`."""
@@ -108,8 +127,8 @@ class Fp8Linear(torch.nn.Module):
         return out.reshape(*leading, out.shape[-1])
 
     def extra_repr(self) -> str:
-        extras = (", output zero-padded" if self.pad_output else "") + (", RMSNorm fused" if self.norm_weight is not None
-                                                                        else "")
+        names = {"rms": ", RMSNorm fused", "layer": ", LayerNorm fused"}
+        extras = (", output zero-padded" if self.pad_output else "") + names.get(self.norm_kind, "")
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-row scales{extras}"
 
 
@@ -144,7 +163,7 @@ class Fp8SwiGLU(torch.nn.Module):
     """`down(silu(gate(x)) * up(x))` in e4m3: gate and up as one GEMM (their weights side by side,
     each zero-padded to a multiple of 16), then one kernel for the biases, the activation, the
     product and down's quantisation (kernels/fp8_quant.py), then down. With `input_norm`, the
-    RMSNorm before the MLP is fused into the first quantisation."""
+    norm before the MLP is fused into the first quantisation."""
 
     def __init__(self, mlp: torch.nn.Module, input_norm: torch.nn.Module | None = None):
         super().__init__()
@@ -171,7 +190,7 @@ class Fp8SwiGLU(torch.nn.Module):
         return out.reshape(*leading, out.shape[-1])
 
     def extra_repr(self) -> str:
-        fused = ", RMSNorm fused" if self.gate_up.norm_weight is not None else ""
+        fused = {"rms": ", RMSNorm fused", "layer": ", LayerNorm fused"}.get(self.gate_up.norm_kind, "")
         return f"width={self.width}, gate and up as one e4m3 GEMM, SiLU, product and quantisation one kernel{fused}"
 
 
@@ -202,8 +221,8 @@ def _fused_norms(feeds: list[NormFeed]) -> list[Replacement]:
     found = []
     for feed in feeds:
         norm, consumer = getattr(feed.norm_parent, feed.norm), getattr(feed.consumer_parent, feed.consumer)
-        if rms_norm_parameters(norm) is None:
-            continue  # a LayerNorm (bias, mean): left to the compiler
+        if FusedNorm.of(norm) is None:
+            continue  # a norm the kernel does not know: left to the compiler
         if is_silu_swiglu(consumer):
             copy = Fp8SwiGLU(consumer, input_norm=norm)
         elif isinstance(consumer, torch.nn.Linear):

@@ -50,26 +50,28 @@ def test_quantize_rows_equals_the_reference(rows, width, padded_width, dtype):
         assert got[1][0].item() == 1.0 and not got[0][0].float().any()  # a zero row: scale 1, no NaN
 
 
+@pytest.mark.parametrize("norm,bias", [("rms", False), ("layer", True), ("layer", False)])
 @pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                 (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("rows,width", [(3, 24), (9, 1280), (4, 1000)])
-def test_quantize_rows_with_its_rms_norm_equals_the_reference(rows, width, dtype, weight_dtype):
-    x = rows_case(rows, width, dtype, seed=width + 1)
+def test_quantize_rows_with_its_norm_equals_the_reference(rows, width, dtype, weight_dtype, norm, bias):
+    x = rows_case(rows, width, dtype, seed=width + 1) + 0.5  # an offset for the LayerNorm's mean to take
     generator = torch.Generator().manual_seed(width)
     weight = (torch.rand(width, generator=generator) + 0.5).to(DEVICE, weight_dtype)
+    norm_bias = torch.randn(width, generator=generator).to(DEVICE, weight_dtype) if bias else None
     padded = -(-width // 16) * 16
-    got = quantize_rows(x, padded, norm_weight=weight, eps=1e-6)
-    assert_quantized_close(got, quantize_rows_reference(x, padded, norm_weight=weight, eps=1e-6))
+    got = quantize_rows(x, padded, norm, weight, norm_bias, eps=1e-6)
+    assert_quantized_close(got, quantize_rows_reference(x, padded, norm, weight, norm_bias, eps=1e-6))
 
 
 @pytest.mark.parametrize("rows_per_program,num_warps", [(1, 4), (2, 8), (16, 4)])
 def test_every_launch_shape_gives_the_same_result(rows_per_program, num_warps):
     """The benchmark's sweep: any rows per program (a last program part empty) and warps."""
     x = rows_case(21, 300, torch.bfloat16, seed=9)
-    weight = torch.linspace(0.5, 1.5, 300, device=DEVICE)
+    weight = torch.linspace(0.5, 1.5, 300, device=DEVICE, dtype=torch.bfloat16)
     launch = {"rows_per_program": rows_per_program, "num_warps": num_warps}
-    want = quantize_rows(x, 304, weight, 1e-6)
-    got = quantize_rows(x, 304, weight, 1e-6, **launch)
+    want = quantize_rows(x, 304, "layer", weight, weight - 1, 1e-6)
+    got = quantize_rows(x, 304, "layer", weight, weight - 1, 1e-6, **launch)
     assert torch.equal(got[0].float(), want[0].float()) and torch.equal(got[1], want[1])
     gate_up = rows_case(21, 2 * 304, torch.bfloat16, seed=10)
     assert_quantized_close(swiglu_quantize(gate_up, **launch), swiglu_quantize_reference(gate_up))
@@ -95,8 +97,12 @@ def test_the_launchers_refuse_what_they_cannot_take():
     x = torch.zeros(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="narrower"):
         quantize_rows(x, 4)
-    with pytest.raises(ValueError, match="norm_weight"):
-        quantize_rows(x, 16, norm_weight=torch.ones(7, device=DEVICE))
+    with pytest.raises(ValueError, match="norm_weight of shape"):
+        quantize_rows(x, 16, "rms", torch.ones(7, device=DEVICE))
+    with pytest.raises(ValueError, match="one of"):
+        quantize_rows(x, 16, "batch", torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="norm_bias goes with a layer norm"):
+        quantize_rows(x, 16, "rms", torch.ones(8, device=DEVICE), torch.ones(8, device=DEVICE))
     with pytest.raises(ValueError, match="even width"):
         swiglu_quantize(torch.zeros(2, 7, device=DEVICE))
     with pytest.raises(ValueError, match="power of 2"):
@@ -113,6 +119,7 @@ def test_empty_inputs_give_empty_outputs():
 def test_the_ops_fake_shapes_agree_with_their_kernels():
     """What a compiled graph is told (the fake implementations) matches what the ops return."""
     x, weight = torch.randn(5, 40), torch.rand(40) + 0.5
-    torch.library.opcheck(torch.ops.sparsevlm.quantize_rows.default, (x, 48, weight, 1e-6))
-    torch.library.opcheck(torch.ops.sparsevlm.quantize_rows.default, (x, 40, None, 0.0))
+    torch.library.opcheck(torch.ops.sparsevlm.quantize_rows.default, (x, 48, "rms", weight, None, 1e-6))
+    torch.library.opcheck(torch.ops.sparsevlm.quantize_rows.default, (x, 48, "layer", weight, weight, 1e-6))
+    torch.library.opcheck(torch.ops.sparsevlm.quantize_rows.default, (x, 40, "none", None, None, 0.0))
     torch.library.opcheck(torch.ops.sparsevlm.swiglu_quantize.default, (torch.randn(3, 32), torch.randn(32)))

@@ -112,6 +112,17 @@ class Qwen2_5Block(torch.nn.Module):
         return torch.cat([self.qkv(self.norm1(x)), self.mlp(self.norm2(x))], dim=-1)
 
 
+def assert_same_fp8_result(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> None:
+    """Equal within `tolerance`, but for the rare value that an fp32 difference in summation order
+    (a merged GEMM, a fused norm) tipped across an e4m3 rounding boundary, one step (~6%) off,
+    which then moves what it feeds: at most 2% of the outputs, 1% in relative Frobenius norm.
+    A norm fused where its output is also read elsewhere would be off everywhere."""
+    got, want = got.float(), want.float()
+    close = torch.isclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+    assert close.float().mean().item() >= 0.98
+    assert ((got - want).norm() / want.norm()).item() < 0.01
+
+
 def _run_replaced(module: torch.nn.Module, replacements, x: torch.Tensor) -> torch.Tensor:
     originals = [(parent, name, getattr(parent, name)) for parent, name, _ in replacements]
     for parent, name, copy in replacements:
@@ -126,8 +137,8 @@ def _run_replaced(module: torch.nn.Module, replacements, x: torch.Tensor) -> tor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norms_and_swiglu_give_the_unfused_fp8_result(dtype, monkeypatch):
     """The norm computed inside the quantisation and gate/up as one GEMM with one SwiGLU kernel:
-    the same numbers as the model's norm and MLP around separate FP8 linears (fp32 exactly up to
-    summation order, 1e-5; bf16 within one bf16 rounding of the MLP's intermediate, 2%)."""
+    the same numbers as the model's norm and MLP around separate FP8 linears (fp32 up to summation
+    order, 1e-5; bf16 within one bf16 rounding of the MLP's intermediate, 2%)."""
     torch.manual_seed(11)
     block = Qwen2_5Block(24, 50).to(dtype)
     x = (torch.randn(2, 9, 24) * 2).to(dtype)
@@ -138,8 +149,7 @@ def test_fused_norms_and_swiglu_give_the_unfused_fp8_result(dtype, monkeypatch):
     plain = fp8_replacements([block])
     assert all(type(copy).__name__ == "Fp8Linear" for _, _, copy in plain) and len(plain) == 4
     got, want = _run_replaced(block, fused, x), _run_replaced(block, plain, x)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance * want.float().abs().max().item())
+    assert_same_fp8_result(got, want, 1e-5 if dtype == torch.float32 else 2e-2)
     error = ((got.float() - block(x).float()).norm() / block(x).float().norm()).item()
     assert 0 < error < QUANTISATION_ERROR  # and really quantised
 
@@ -147,38 +157,49 @@ def test_fused_norms_and_swiglu_give_the_unfused_fp8_result(dtype, monkeypatch):
 def test_fp8_swiglu_checks_what_it_is_given():
     with pytest.raises(ValueError, match="SiLU"):
         Fp8SwiGLU(SwiGLU(8, 16))  # its activation is not an attribute it can check
-    with pytest.raises(ValueError, match="RMSNorm"):
-        Fp8Linear.from_linear(torch.nn.Linear(8, 4), input_norm=torch.nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="RMSNorm or affine LayerNorm"):
+        Fp8Linear.from_linear(torch.nn.Linear(8, 4), input_norm=torch.nn.LayerNorm(8, elementwise_affine=False))
     block = Qwen2_5Block(16, 32)
     fused = Fp8Linear.from_linear(block.qkv, input_norm=block.norm1)
     with pytest.raises(ValueError, match="takes 16 features, not 32"):
         fused(torch.randn(3, 32))
 
 
-def test_a_layer_norm_feed_is_left_to_the_compiler():
-    layer_norm_block = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(8), "fc": torch.nn.Linear(8, 8)})
-    replaced = fp8_replacements([layer_norm_block], [NormFeed(layer_norm_block, "norm", layer_norm_block, "fc")])
-    assert [(name, type(copy).__name__) for _, name, copy in replaced] == [("fc", "Fp8Linear")]
-    assert replaced[0][2].norm_weight is None
+def test_a_layer_norm_fuses_and_a_norm_the_kernel_does_not_know_is_left_to_the_compiler():
+    torch.manual_seed(2)
+    block = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(8), "fc": torch.nn.Linear(8, 8),
+                                 "group_norm": torch.nn.GroupNorm(2, 8), "fc2": torch.nn.Linear(8, 8)})
+    torch.nn.init.normal_(block["norm"].bias)
+    replaced = fp8_replacements([block], [NormFeed(block, "norm", block, "fc"),
+                                          NormFeed(block, "group_norm", block, "fc2")])
+    assert [(name, type(copy).__name__) for _, name, copy in replaced] == [
+        ("norm", "Identity"), ("fc", "Fp8Linear"), ("fc2", "Fp8Linear")]
+    fused, plain = replaced[1][2], replaced[2][2]
+    assert fused.norm_kind == "layer" and "LayerNorm fused" in repr(fused) and plain.norm_kind == "none"
+    x = torch.randn(5, 8) * 3 + 1
+    torch.testing.assert_close(fused(x), Fp8Linear.from_linear(block["fc"])(block["norm"](x)), rtol=1e-5, atol=1e-5)
 
 
-def test_qwen2_5_vl_tower_fuses_its_norms_and_equals_the_unfused_fp8_tower(tiny_checkpoints, monkeypatch):
-    """transformers' block code reads norm1 only through attn.qkv and norm2 only through the MLP:
-    if that changed, the fused tower would part from the plain FP8 one far beyond 1e-4."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_onevision"])
+def test_every_tower_fuses_its_norms_and_equals_the_unfused_fp8_tower(family, tiny_checkpoints, monkeypatch):
+    """Each adapter names the norms whose output one linear (or MLP) alone reads, from transformers'
+    block code; if that code read them elsewhere too, the fused tower would part from the plain
+    FP8 one everywhere (fp32 on CPU: the same arithmetic, in other kernels)."""
     from helpers import mixed_samples
 
-    dense = VLMEngine.from_pretrained(tiny_checkpoints["qwen2_5_vl"], dtype=torch.float32, device="cpu")
+    dense = VLMEngine.from_pretrained(tiny_checkpoints[family], dtype=torch.float32, device="cpu")
     fused = VLMEngine(dense.model, dense.processor, engine_config=EngineConfig(vision_fp8=True))
+    feeds = dense.adapter.fp8_norm_feeds()
     kinds = [type(module).__name__ for *_, module in fused.adapter._tower_swaps.values()]
-    blocks = len(dense.model.model.visual.blocks)
-    assert kinds.count("Identity") == 2 * blocks and kinds.count("Fp8SwiGLU") == blocks
+    assert feeds and kinds.count("Identity") == len(feeds)  # every named norm is fused away
+    assert kinds.count("Fp8SwiGLU") == (len(dense.model.model.visual.blocks) if family == "qwen2_5_vl" else 0)
     monkeypatch.setattr(type(dense.adapter), "fp8_norm_feeds", lambda self: [])
     monkeypatch.setattr("sparsevlm.fp8.is_silu_swiglu", lambda mlp: False)
     plain = VLMEngine(dense.model, dense.processor, engine_config=EngineConfig(vision_fp8=True))
     assert {type(module).__name__ for *_, module in plain.adapter._tower_swaps.values()} == {"Fp8Linear"}
     samples = mixed_samples(dense.processor, seed=5)
     want, got = _visual_rows(plain, samples), _visual_rows(fused, samples)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert_same_fp8_result(got, want, 1e-4)
 
 
 def test_an_older_gpu_is_refused_with_the_reason(monkeypatch):

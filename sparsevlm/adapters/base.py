@@ -305,6 +305,12 @@ class RoPE1D:
         return inv_freq, torch.zeros_like(inv_freq, dtype=torch.long)  # one position component
 
 
+def encoder_mlp_norm_feeds(layers: torch.nn.ModuleList) -> list[NormFeed]:
+    """CLIP's and SigLIP's encoder layers: `h + mlp(layer_norm2(h))`, the MLP reading its input only
+    through fc1. (`layer_norm1` feeds three projections, q, k and v: not one reader, not fused.)"""
+    return [NormFeed(layer, "layer_norm2", layer.mlp, "fc1") for layer in layers]
+
+
 def compiled_blocks(blocks: torch.nn.ModuleList, backend: str = "inductor") -> torch.nn.ModuleList:
     """A tower's repeated blocks, each torch.compile'd (dynamic shapes: packs differ in size)."""
     return torch.nn.ModuleList(torch.compile(block, dynamic=True, backend=backend) for block in blocks)

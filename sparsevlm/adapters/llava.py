@@ -16,8 +16,10 @@ import logging
 import numpy as np
 import torch
 
+from ..fp8 import NormFeed
 from ..preprocess import TokenizerFacade, library_normalization_table, normalize_frames
-from .base import ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids, compiled_blocks
+from .base import (
+    ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids, compiled_blocks, encoder_mlp_norm_feeds)
 
 logger = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -179,6 +181,9 @@ class LlavaAdapter(RoPE1D, ModelAdapter):
 
     def tower_roots(self) -> list[torch.nn.Module]:
         return [self.inner.vision_tower, self.inner.multi_modal_projector]
+
+    def fp8_norm_feeds(self) -> list[NormFeed]:
+        return encoder_mlp_norm_feeds(self.inner.vision_tower.encoder.layers)
 
     def compile_vision(self, backend: str = "inductor") -> None:
         """The CLIP tower's encoder layers compiled (LayerNorm, QuickGELU and residuals fuse)."""

@@ -21,10 +21,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ..fp8 import NormFeed
 from ..preprocess import (
     TokenizerFacade, VisionPreprocessConfig, _to_rgb_uint8, expand_placeholders, library_normalization_table,
     normalization_table, normalize_frames, resize_frame)
-from .base import ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids, compiled_blocks
+from .base import (
+    ModelAdapter, PreparedSample, RoPE1D, VisualFeatures, checked_input_ids, compiled_blocks, encoder_mlp_norm_feeds)
 
 IMAGE, VIDEO = "<image>", "<video>"
 
@@ -302,6 +304,9 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
 
     def tower_roots(self) -> list[torch.nn.Module]:
         return [self.inner.vision_tower, self.inner.multi_modal_projector]
+
+    def fp8_norm_feeds(self) -> list[NormFeed]:
+        return encoder_mlp_norm_feeds(self.inner.vision_tower.encoder.layers)
 
     def compile_vision(self, backend: str = "inductor") -> None:
         """The SigLIP tower's encoder layers compiled (LayerNorm, GELU and residuals fuse)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import VISION_ATTENTION_NAME, attention_implementation
-from ..fp8 import NormFeed
+from ..fp8 import NormFeed, is_silu_swiglu
 from ..preprocess import (
     IMAGE_PAD, TOKEN_TYPE_IMAGE, TOKEN_TYPE_VIDEO, VIDEO_PAD, QwenVLProcessor, normalization_table, normalize_frames,
     patchify, resized_image)
@@ -207,11 +207,16 @@ class QwenVLAdapter(ModelAdapter):
         return [self.visual]  # blocks and merger (Qwen3-VL's DeepStack mergers too)
 
     def fp8_norm_feeds(self) -> list[NormFeed]:
-        """transformers' Qwen vision block is `h + attn(norm1(h))`, `h + mlp(norm2(h))`, and its
-        attention reads its input only through `qkv`. (Qwen2.5-VL's norms are RMSNorms and fuse;
-        Qwen2-VL's and Qwen3-VL's LayerNorms are left to the compiler.)"""
-        return [feed for block in self.visual.blocks
-                for feed in (NormFeed(block, "norm1", block.attn, "qkv"), NormFeed(block, "norm2", block, "mlp"))]
+        """transformers' Qwen vision block is `h + attn(norm1(h))`, `h + mlp(norm2(h))`; its attention
+        reads its input only through `qkv`, and an ungated MLP (Qwen2-VL's fc1/fc2, Qwen3-VL's
+        linear_fc1/linear_fc2) only through its first linear. Qwen2.5-VL's gated MLP fuses whole."""
+        feeds = []
+        for block in self.visual.blocks:
+            feeds.append(NormFeed(block, "norm1", block.attn, "qkv"))
+            first = next((name for name in ("fc1", "linear_fc1") if hasattr(block.mlp, name)), None)
+            feeds.append(NormFeed(block, "norm2", block.mlp, first) if first and not is_silu_swiglu(block.mlp)
+                         else NormFeed(block, "norm2", block, "mlp"))
+        return feeds
 
     def fuse_vision(self) -> None:
         """The patch embedding as one GEMM inside the engine's tower calls (the model keeps its Conv3d)."""
