@@ -66,6 +66,10 @@ class FusedNorm:
         return cls("rms", weight.detach(), None, eps)
 
 
+def _fused_norm_note(kind: str) -> str:
+    return {"rms": ", RMSNorm fused", "layer": ", LayerNorm fused"}.get(kind, "")
+
+
 class Fp8Linear(torch.nn.Module):
     """`x @ weight.T + bias` in e4m3 with per-row scales, from a copy of the weight (the model's
     linear is untouched: `model.generate` and the bf16 path keep it). Takes its input at its
@@ -127,8 +131,7 @@ class Fp8Linear(torch.nn.Module):
         return out.reshape(*leading, out.shape[-1])
 
     def extra_repr(self) -> str:
-        names = {"rms": ", RMSNorm fused", "layer": ", LayerNorm fused"}
-        extras = (", output zero-padded" if self.pad_output else "") + names.get(self.norm_kind, "")
+        extras = (", output zero-padded" if self.pad_output else "") + _fused_norm_note(self.norm_kind)
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-row scales{extras}"
 
 
@@ -190,7 +193,7 @@ class Fp8SwiGLU(torch.nn.Module):
         return out.reshape(*leading, out.shape[-1])
 
     def extra_repr(self) -> str:
-        fused = {"rms": ", RMSNorm fused", "layer": ", LayerNorm fused"}.get(self.gate_up.norm_kind, "")
+        fused = _fused_norm_note(self.gate_up.norm_kind)
         return f"width={self.width}, gate and up as one e4m3 GEMM, SiLU, product and quantisation one kernel{fused}"
 
 
