@@ -3,8 +3,8 @@
 An FP8 GEMM's input is quantised per row (token): the row's absolute maximum sets its scale.
 Compiled, a reduction over a 1280- or 3424-wide row is a looped kernel that reads the row once
 for the maximum and again to write (three times behind an RMSNorm: its variance, the maximum,
-the values), at half the memory's pace or less. Here one program holds one whole row in
-registers, reduces and writes it: one read, one write. Two producers are fused in:
+the values), at half the memory's pace or less. Here a program holds whole rows in registers,
+reduces and writes them: one read, one write. Two producers are fused in:
 
 - `quantize_rows(x, norm="rms" | "layer", norm_weight=...)`: an RMSNorm (Qwen2.5-VL's tower) or a
   LayerNorm (Qwen2-VL's, Qwen3-VL's, CLIP's, SigLIP's) first, where the norm's only reader is the
@@ -15,7 +15,8 @@ registers, reduces and writes it: one read, one write. Two producers are fused i
 Each `*_reference` is the plain-torch definition its kernel is tested against, and the CPU path.
 `torch.ops.sparsevlm.quantize_rows` / `swiglu_quantize` are the kernels as opaque ops (the
 reference off CUDA), so compiled vision blocks keep each as one call. A program takes several
-rows when they are narrow (`launch_shape`), so each has enough to stream.
+rows when they are narrow (`launch_shape`, defaults from an H100 sweep), so each has enough to
+stream.
 """
 
 from __future__ import annotations
