@@ -125,18 +125,19 @@ def quantise_rows(images: int) -> list[dict]:
     weight = torch.rand(WIDTH, device="cuda", dtype=torch.bfloat16) + 0.5
     gate_up = torch.randn(tokens, 2 * mlp, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(2 * mlp, device="cuda")
-    cases = {  # shape: (our kernel with launch overrides, the reference, width, bytes moved, its default warps)
+    cases = {  # shape: (our kernel with launch overrides, the reference, width, bytes moved, its name)
         f"rmsnorm+quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, "rms", weight, None, 1e-6, **o),
                                             lambda: quantize_rows_reference(x, WIDTH, "rms", weight, None, 1e-6), WIDTH,
-                                            tokens * WIDTH * 3, 4),
+                                            tokens * WIDTH * 3, "quantize_rows"),
         f"quantise {tokens}x{WIDTH}": (lambda **o: quantize_rows(x, WIDTH, **o), lambda: quantize_rows_reference(x),
-                                       WIDTH, tokens * WIDTH * 3, 4),
+                                       WIDTH, tokens * WIDTH * 3, "quantize_rows"),
         f"swiglu+quantise {tokens}x{mlp}": (lambda **o: swiglu_quantize(gate_up, bias, **o),
-                                            lambda: swiglu_quantize_reference(gate_up, bias), mlp, tokens * mlp * 5, 8),
+                                            lambda: swiglu_quantize_reference(gate_up, bias), mlp, tokens * mlp * 5,
+                                            "swiglu_quantize"),
     }
     rows = []
-    for shape, (ours, reference, width, moved, warps) in cases.items():
-        default = launch_shape(width, default_warps=warps)
+    for shape, (ours, reference, width, moved, kernel) in cases.items():
+        default = launch_shape(kernel, width)
         options = {f"ours default ({default['ROWS']} rows, {default['num_warps']} warps)": ours}
         options.update({f"ours {r} rows, {w} warps": (lambda r=r, w=w: ours(rows_per_program=r, num_warps=w))
                         for r in (1, 2, 4, 8) for w in (4, 8)})

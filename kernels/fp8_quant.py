@@ -160,17 +160,17 @@ def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, n_rows, width, stride_
 # Launch defaults from the H100 sweep (benchmarks/results/h100_vision_kernels_quantise.json): ~4096
 # elements per program; 4 warps for a row quantisation, 8 for SwiGLU (which reads two per value).
 ELEMENTS_PER_PROGRAM = 4096
+DEFAULT_WARPS = {"quantize_rows": 4, "swiglu_quantize": 8}
 
 
-def launch_shape(width: int, rows_per_program: int | None = None, num_warps: int | None = None,
-                 default_warps: int = 4) -> dict:
-    """Block width, rows per program and warps for rows of `width` (the defaults, or the overrides
-    benchmarks/vision_kernels.py sweeps)."""
+def launch_shape(kernel: str, width: int, rows_per_program: int | None = None, num_warps: int | None = None) -> dict:
+    """Block width, rows per program and warps for `kernel` ("quantize_rows" or "swiglu_quantize")
+    on rows of `width`: the defaults, or the overrides benchmarks/vision_kernels.py sweeps."""
     block = max(16, triton.next_power_of_2(width))
     rows = rows_per_program or max(1, ELEMENTS_PER_PROGRAM // block)
     if rows & (rows - 1):
         raise ValueError(f"rows_per_program must be a power of 2, not {rows}")
-    warps = num_warps or (default_warps if rows * block <= 8192 else 16)
+    warps = num_warps or (DEFAULT_WARPS[kernel] if rows * block <= 8192 else 16)
     return {"BLOCK": block, "ROWS": rows, "num_warps": warps}
 
 
@@ -196,7 +196,7 @@ def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm: str = 
                          f"not {None if norm_weight is None else tuple(norm_weight.shape)}")
     if norm_bias is not None and (norm != "layer" or norm_bias.shape != (width,)):
         raise ValueError(f"norm_bias goes with a layer norm over {width}")
-    shape = launch_shape(padded_width, **launch)
+    shape = launch_shape("quantize_rows", padded_width, **launch)
     plain_torch = norm != "none" and (x.dtype not in (torch.float32, torch.bfloat16) or
                                       (norm == "layer" and norm_weight.dtype != x.dtype))
     if shape["BLOCK"] > MAX_BLOCK or plain_torch:  # rare: fp16 rows, mixed LayerNorm dtypes, very wide rows
@@ -224,7 +224,7 @@ def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None, **l
     width = both // 2
     if bias is not None and bias.shape != (both,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for gate_up of width {both}")
-    shape = launch_shape(width, default_warps=8, **launch)
+    shape = launch_shape("swiglu_quantize", width, **launch)
     if shape["BLOCK"] > MAX_BLOCK:
         return swiglu_quantize_reference(gate_up, bias)
     values = torch.empty(rows, width, dtype=E4M3, device=gate_up.device)

@@ -9,8 +9,8 @@ applies both scales in fp32 before rounding to the output dtype.
 
 Quantising an activation is a pass over it; kernels/fp8_quant.py makes it one pass, with its
 producer fused in where the block's structure allows (the adapter names those places):
-- an RMSNorm or LayerNorm whose only reader is the next linear is computed inside that linear's quantisation
-  (`Fp8Linear(input_norm=...)`; the norm itself becomes the identity in the engine's calls);
+- an RMSNorm or LayerNorm whose only reader is the next linear is computed inside that linear's
+  quantisation (`Fp8Linear(input_norm=...)`; the norm becomes the identity in the engine's calls);
 - a SwiGLU MLP, `down(silu(gate(x)) * up(x))`, runs gate and up as one GEMM, and the bias, the
   activation, the product and down's quantisation as one kernel (`Fp8SwiGLU`).
 
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.fp8_quant import E4M3, E4M3_MAX, quantize_rows_reference  # noqa: F401  (the ops register on import)
+# importing kernels.fp8_quant registers the torch.ops.sparsevlm quantisation ops the copies call
+from kernels.fp8_quant import E4M3, quantize_rows_reference  # noqa: F401  (E4M3: this module's name for the type)
 
 ALIGN = 16  # _scaled_mm: both dimensions of the weight in multiples of 16
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) on
