@@ -21,6 +21,8 @@ stream.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -74,9 +76,14 @@ def swiglu_quantize_reference(gate_up: torch.Tensor, bias: torch.Tensor | None =
     return _scaled(torch.nn.functional.silu(gate) * up, None)
 
 
-# Roundings are done here, to the nearest (ties to even) value of the narrow type, held in fp32;
-# the casts after them are then exact. Triton's interpreter (the CPU tests) truncates fp32 -> bf16
-# and mis-rounds fp32 -> e4m3 (126.8 became 64); the GPU's casts round to nearest already.
+# Under Triton's interpreter (the CPU tests) roundings are done here, to the nearest (ties to even)
+# value of the narrow type, held in fp32, so the casts after them are exact: the interpreter
+# truncates fp32 -> bf16 and mis-rounds fp32 -> e4m3 (126.8 became 64). A GPU's casts round to
+# nearest themselves (cvt.rn), and the emulation's integer work per value would make the kernels
+# arithmetic-bound there, so compiled kernels cast directly (`EMULATE_ROUNDING` off).
+EMULATE_ROUNDING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @triton.jit
 def _round_mantissa(y, DROPPED_BITS: tl.constexpr):
     """fp32 -> the nearest fp32 with the low DROPPED_BITS mantissa bits zero (normal range)."""
@@ -86,14 +93,18 @@ def _round_mantissa(y, DROPPED_BITS: tl.constexpr):
 
 
 @triton.jit
-def _round_to_bf16(y):
-    return _round_mantissa(y, 16)
+def _round_to_bf16(y, EMULATE: tl.constexpr):
+    if EMULATE:
+        return _round_mantissa(y, 16)
+    return y.to(tl.bfloat16).to(tl.float32)
 
 
 @triton.jit
-def _round_to_e4m3(y):
+def _round_to_e4m3(y, EMULATE: tl.constexpr):
     """|y| <= 448: 3 mantissa bits above 2^-6; below it, e4m3's subnormal steps of 2^-9 (adding
-    2^14 puts the fp32 rounding exactly there)."""
+    2^14 puts the fp32 rounding exactly there). Compiled, the store's cast rounds instead."""
+    if not EMULATE:
+        return y
     magnitude = tl.abs(y)
     subnormal = (magnitude + 16384.0) - 16384.0
     rounded = tl.where(magnitude < 0.015625, subnormal, _round_mantissa(magnitude, 20))
@@ -101,11 +112,12 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_width, E4M3_MAX: tl.constexpr):
+def _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_width, E4M3_MAX: tl.constexpr,
+                     EMULATE: tl.constexpr):
     """y: (ROWS, BLOCK) fp32, zero past each row's width -> e4m3 values and a scale per row."""
     amax = tl.max(tl.abs(y), axis=1)
     scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
-    values = _round_to_e4m3(tl.clamp(y / scale[:, None], -E4M3_MAX, E4M3_MAX))
+    values = _round_to_e4m3(tl.clamp(y / scale[:, None], -E4M3_MAX, E4M3_MAX), EMULATE)
     mask = (rows < n_rows)[:, None] & (cols < padded_width)[None, :]
     tl.store(Values + rows[:, None] * stride_v + cols[None, :], values.to(Values.dtype.element_ty), mask=mask)
     tl.store(Scales + rows, scale, mask=rows < n_rows)
@@ -114,8 +126,8 @@ def _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_wid
 @triton.jit
 def _quantize_rows_kernel(X, NormWeight, NormBias, Values, Scales, n_rows, width, padded_width, stride_x, stride_v,
                           eps, NORM: tl.constexpr, NORM_BIAS: tl.constexpr, ROUND_NORMED: tl.constexpr,
-                          ROUND_PRODUCT: tl.constexpr, E4M3_MAX: tl.constexpr, ROWS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          ROUND_PRODUCT: tl.constexpr, E4M3_MAX: tl.constexpr, EMULATE: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     inside = (rows < n_rows)[:, None] & (cols < width)[None, :]
@@ -125,10 +137,10 @@ def _quantize_rows_kernel(X, NormWeight, NormBias, Values, Scales, n_rows, width
         variance = tl.sum(y * y, axis=1) / width
         normed = y * tl.math.rsqrt(variance + eps)[:, None]
         if ROUND_NORMED:  # the module rounds the normed rows to their dtype (bf16 here) ...
-            normed = _round_to_bf16(normed)
+            normed = _round_to_bf16(normed, EMULATE)
         y = normed * tl.load(NormWeight + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
         if ROUND_PRODUCT:  # ... and their product with a weight of that dtype
-            y = _round_to_bf16(y)
+            y = _round_to_bf16(y, EMULATE)
     if NORM == 2:  # LayerNorm: fp32 throughout, rounded once at the end to the rows' dtype
         centered = tl.where(inside, y - (tl.sum(y, axis=1) / width)[:, None], 0.0)
         variance = tl.sum(centered * centered, axis=1) / width
@@ -137,13 +149,14 @@ def _quantize_rows_kernel(X, NormWeight, NormBias, Values, Scales, n_rows, width
         if NORM_BIAS:
             y += tl.load(NormBias + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
         if ROUND_NORMED:
-            y = _round_to_bf16(y)
-    _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_width, E4M3_MAX)
+            y = _round_to_bf16(y, EMULATE)
+    _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_width, E4M3_MAX, EMULATE)
 
 
 @triton.jit
 def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, n_rows, width, stride_g, stride_v,
-                            HAS_BIAS: tl.constexpr, E4M3_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, E4M3_MAX: tl.constexpr, EMULATE: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     inside = (rows < n_rows)[:, None] & (cols < width)[None, :]
@@ -154,7 +167,7 @@ def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, n_rows, width, stride_
         gate += tl.load(Bias + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
         up += tl.load(Bias + width + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
     y = gate * tl.sigmoid(gate) * up  # a row past the end: gate = bias, but it is not stored
-    _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, width, E4M3_MAX)
+    _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, width, E4M3_MAX, EMULATE)
 
 
 # Launch defaults from the H100 sweep (benchmarks/results/h100_vision_kernels_quantise.json): ~4096
@@ -210,7 +223,7 @@ def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm: str = 
             rows, width, padded_width, x.stride(0), values.stride(0), eps, NORM=NORMS[norm],
             NORM_BIAS=norm_bias is not None, ROUND_NORMED=rounded,
             ROUND_PRODUCT=rounded and norm == "rms" and norm_weight.dtype == torch.bfloat16, E4M3_MAX=E4M3_MAX,
-            **shape)
+            EMULATE=EMULATE_ROUNDING, **shape)
     return values, scales
 
 
@@ -232,7 +245,8 @@ def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None, **l
     if rows:
         _swiglu_quantize_kernel[(triton.cdiv(rows, shape["ROWS"]),)](
             gate_up, gate_up if bias is None else bias, values, scales, rows, width, gate_up.stride(0),
-            values.stride(0), HAS_BIAS=bias is not None, E4M3_MAX=E4M3_MAX, **shape)
+            values.stride(0), HAS_BIAS=bias is not None, E4M3_MAX=E4M3_MAX, EMULATE=EMULATE_ROUNDING,
+            **shape)
     return values, scales
 
 

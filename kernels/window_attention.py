@@ -6,10 +6,15 @@ sequence padded into a 128-row tile; the work per window is tiny, so the kernel 
 its own overheads. Here one program owns one (window, head): it loads the window's q, k, v
 once, forms the whole <= 64 x 64 score tile, and writes the output: one pass over memory.
 
+Given the tower's rotary tables (`cos`, `sin`), the kernel also rotates q and k as it loads
+them (transformers' `apply_rotary_pos_emb_vision`: fp32, rounded back to q's dtype), so the
+rotated q and k never go to memory: compiled, that rotation was a pass writing both and the
+kernel's a pass reading them back.
+
 `window_attention` is the Triton kernel (any head_dim up to 128, padded in registers);
 `window_attention_reference` is the plain-torch definition it is tested against, and the
-CPU path. `torch.ops.sparsevlm.window_attention` is the kernel as an opaque op, so compiled
-vision blocks keep it as one call.
+CPU path; `rotary_reference` is the rotation. `torch.ops.sparsevlm.window_attention` is the
+kernel as an opaque op, so compiled vision blocks keep it as one call.
 """
 
 from __future__ import annotations
@@ -22,9 +27,22 @@ import triton.language as tl
 MAX_WINDOW = 64  # tokens per segment the kernel holds in one tile
 
 
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D) rotated by cos, sin (T, D) as Qwen's vision towers do: in fp32, halves swapped
+    (`rotate_half`), the result rounded to x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
+
+
 def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                               scale: float) -> torch.Tensor:
-    """q, k, v: (T, H, D); cu_seqlens: (S+1,) -> (T, H, D), attention within each segment."""
+                               scale: float, cos: torch.Tensor | None = None,
+                               sin: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k, v: (T, H, D); cu_seqlens: (S+1,) -> (T, H, D), attention within each segment;
+    with cos, sin (T, D), of q and k rotated first (`rotary_reference`)."""
+    if cos is not None:
+        q, k = rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -35,11 +53,25 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 @triton.jit
-def _window_attention_kernel(Q, K, V, Out, CuSeqlens, scale,
+def _load_rotated(X, rows, d, valid, cos, sin, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr):
+    """(BLOCK_T, BLOCK_D) of X at rows and d (the row and head offsets are in X); rotated by
+    cos/sin in fp32 and rounded back to X's dtype when ROTARY."""
+    x = tl.load(X + rows[:, None] + d[None, :], mask=valid, other=0.0)
+    if ROTARY:
+        half: tl.constexpr = HEAD_DIM // 2
+        partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
+        swapped = tl.load(X + rows[:, None] + partner[None, :], mask=valid, other=0.0).to(tl.float32)
+        swapped = tl.where((d < half)[None, :], -swapped, swapped)
+        x = (x.to(tl.float32) * cos + swapped * sin).to(X.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _window_attention_kernel(Q, K, V, Out, CuSeqlens, Cos, Sin, scale,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                             stride_ot, stride_oh,
+                             stride_ot, stride_oh, stride_ct, stride_st,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, ROTARY: tl.constexpr):
     segment = tl.program_id(0)
     head = tl.program_id(1)
     start = tl.load(CuSeqlens + segment).to(tl.int64)
@@ -49,8 +81,13 @@ def _window_attention_kernel(Q, K, V, Out, CuSeqlens, scale,
         d = tl.arange(0, BLOCK_D)
         valid = (t < length)[:, None] & (d < HEAD_DIM)[None, :]
         rows = start + t
-        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + d[None, :], mask=valid, other=0.0)
-        k = tl.load(K + rows[:, None] * stride_kt + head * stride_kh + d[None, :], mask=valid, other=0.0)
+        cos = 0.0
+        sin = 0.0
+        if ROTARY:
+            cos = tl.load(Cos + rows[:, None] * stride_ct + d[None, :], mask=valid, other=0.0).to(tl.float32)
+            sin = tl.load(Sin + rows[:, None] * stride_st + d[None, :], mask=valid, other=0.0).to(tl.float32)
+        q = _load_rotated(Q + head * stride_qh, rows * stride_qt, d, valid, cos, sin, HEAD_DIM, ROTARY)
+        k = _load_rotated(K + head * stride_kh, rows * stride_kt, d, valid, cos, sin, HEAD_DIM, ROTARY)
         v = tl.load(V + rows[:, None] * stride_vt + head * stride_vh + d[None, :], mask=valid, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # BLOCK_T x BLOCK_T
         s = tl.where((t < length)[None, :], s, float("-inf"))
@@ -62,7 +99,7 @@ def _window_attention_kernel(Q, K, V, Out, CuSeqlens, scale,
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
     """Triton launcher; same contract as `window_attention_reference`, segments of <= MAX_WINDOW
     tokens (the caller checks: a longer one would be cut)."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
@@ -72,25 +109,38 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"head_dim must be <= 128 and dtypes equal; got {q.shape[-1]}, {q.dtype}/{k.dtype}/{v.dtype}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v must be contiguous in the head dimension")
+    rotary = cos is not None
+    if rotary != (sin is not None):
+        raise ValueError("give both rotary tables, cos and sin, or neither")
+    if rotary:
+        expected = (q.shape[0], q.shape[2])
+        if tuple(cos.shape) != expected or tuple(sin.shape) != expected or q.shape[2] % 2:
+            raise ValueError(f"rotary tables must be (T, D) = {expected} with D even; got {tuple(cos.shape)}, "
+                             f"{tuple(sin.shape)}")
+        if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+            raise ValueError("the rotary tables must be contiguous in their last dimension")
     out = torch.empty_like(q)
     segments, heads, head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
     if segments < 1 or q.shape[0] == 0:
         return out
+    cos, sin = (cos, sin) if rotary else (q, q)  # unread without ROTARY
     _window_attention_kernel[(segments, heads)](
-        q, k, v, out, cu_seqlens, scale,
+        q, k, v, out, cu_seqlens, cos, sin, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        cos.stride(0), sin.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_T=MAX_WINDOW,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
+        ROTARY=rotary,
     )
     return out
 
 
 @torch.library.custom_op("sparsevlm::window_attention", mutates_args=())
 def window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    return window_attention(q, k, v, cu_seqlens, scale)
+                        scale: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    return window_attention(q, k, v, cu_seqlens, scale, cos, sin)
 
 
 @window_attention_op.register_fake
-def _(q, k, v, cu_seqlens, scale):
+def _(q, k, v, cu_seqlens, scale, cos=None, sin=None):
     return torch.empty_like(q)
