@@ -85,8 +85,11 @@ def rotary_options(tokens: int, cu: torch.Tensor, scale: float) -> dict:
     angles = torch.rand(tokens, HEAD_DIM // 2, device="cuda") * 40
     cos, sin = (f(torch.cat((angles, angles), -1)).bfloat16() for f in (torch.cos, torch.sin))
     rotate = torch.compile(lambda q, k: (rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)))
-    return {"rotary (compiled) + window kernel": lambda: window_attention(*rotate(q, k), v, cu, scale),
-            "window kernel, rotary inside": lambda: window_attention(q, k, v, cu, scale, cos, sin)}
+    options = {"rotary (compiled) + window kernel": lambda: window_attention(*rotate(q, k), v, cu, scale)}
+    for warps in (None, 8):  # Triton's default (4), and more warps for the extra registers the rotation takes
+        options[f"window kernel, rotary inside ({warps or 'default'} warps)"] = (
+            lambda warps=warps: window_attention(q, k, v, cu, scale, cos, sin, num_warps=warps))
+    return options
 
 
 def gemm_rows(images: int) -> list[dict]:

@@ -53,25 +53,38 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 @triton.jit
-def _load_rotated(X, rows, d, valid, cos, sin, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr):
-    """(BLOCK_T, BLOCK_D) of X at rows and d (the row and head offsets are in X); rotated by
-    cos/sin in fp32 and rounded back to X's dtype when ROTARY."""
-    x = tl.load(X + rows[:, None] + d[None, :], mask=valid, other=0.0)
-    if ROTARY:
-        half: tl.constexpr = HEAD_DIM // 2
-        partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
-        swapped = tl.load(X + rows[:, None] + partner[None, :], mask=valid, other=0.0).to(tl.float32)
-        swapped = tl.where((d < half)[None, :], -swapped, swapped)
-        x = (x.to(tl.float32) * cos + swapped * sin).to(X.dtype.element_ty)
-    return x
+def _rotated_scores(Q, K, Cos, Sin, rows, stride_qt, stride_kt, stride_ct, stride_st, valid_rows,
+                    HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, PRECISION: tl.constexpr):
+    """q k^T over one window with q and k rotated first (rotate_half: (x1, x2) -> (x1 cos - x2 sin,
+    x2 cos + x1 sin) per half, in fp32, rounded back to q's dtype), the two halves loaded
+    separately so every load is contiguous: (BLOCK_T, BLOCK_T) fp32."""
+    half: tl.constexpr = HEAD_DIM // 2
+    h = tl.arange(0, BLOCK_HALF)
+    valid = valid_rows[:, None] & (h < half)[None, :]
+    first, second = rows[:, None] * stride_ct + h[None, :], rows[:, None] * stride_ct + half + h[None, :]
+    cos1 = tl.load(Cos + first, mask=valid, other=0.0).to(tl.float32)
+    cos2 = tl.load(Cos + second, mask=valid, other=0.0).to(tl.float32)
+    first, second = rows[:, None] * stride_st + h[None, :], rows[:, None] * stride_st + half + h[None, :]
+    sin1 = tl.load(Sin + first, mask=valid, other=0.0).to(tl.float32)
+    sin2 = tl.load(Sin + second, mask=valid, other=0.0).to(tl.float32)
+    q1 = tl.load(Q + rows[:, None] * stride_qt + h[None, :], mask=valid, other=0.0)
+    q2 = tl.load(Q + rows[:, None] * stride_qt + half + h[None, :], mask=valid, other=0.0)
+    dtype = q1.dtype
+    q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
+    q1, q2 = (q1 * cos1 - q2 * sin1).to(dtype), (q2 * cos2 + q1 * sin2).to(dtype)
+    k1 = tl.load(K + rows[:, None] * stride_kt + h[None, :], mask=valid, other=0.0).to(tl.float32)
+    k2 = tl.load(K + rows[:, None] * stride_kt + half + h[None, :], mask=valid, other=0.0).to(tl.float32)
+    k1, k2 = (k1 * cos1 - k2 * sin1).to(dtype), (k2 * cos2 + k1 * sin2).to(dtype)
+    return (tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(tl.float32)
+            + tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(tl.float32))
 
 
 @triton.jit
 def _window_attention_kernel(Q, K, V, Out, CuSeqlens, Cos, Sin, scale,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                              stride_ot, stride_oh, stride_ct, stride_st,
-                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                             PRECISION: tl.constexpr, ROTARY: tl.constexpr):
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                             BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, ROTARY: tl.constexpr):
     segment = tl.program_id(0)
     head = tl.program_id(1)
     start = tl.load(CuSeqlens + segment).to(tl.int64)
@@ -81,15 +94,15 @@ def _window_attention_kernel(Q, K, V, Out, CuSeqlens, Cos, Sin, scale,
         d = tl.arange(0, BLOCK_D)
         valid = (t < length)[:, None] & (d < HEAD_DIM)[None, :]
         rows = start + t
-        cos = 0.0
-        sin = 0.0
         if ROTARY:
-            cos = tl.load(Cos + rows[:, None] * stride_ct + d[None, :], mask=valid, other=0.0).to(tl.float32)
-            sin = tl.load(Sin + rows[:, None] * stride_st + d[None, :], mask=valid, other=0.0).to(tl.float32)
-        q = _load_rotated(Q + head * stride_qh, rows * stride_qt, d, valid, cos, sin, HEAD_DIM, ROTARY)
-        k = _load_rotated(K + head * stride_kh, rows * stride_kt, d, valid, cos, sin, HEAD_DIM, ROTARY)
+            s = _rotated_scores(Q + head * stride_qh, K + head * stride_kh, Cos, Sin, rows, stride_qt, stride_kt,
+                                stride_ct, stride_st, t < length, HEAD_DIM, BLOCK_HALF, PRECISION)
+        else:
+            q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + d[None, :], mask=valid, other=0.0)
+            k = tl.load(K + rows[:, None] * stride_kt + head * stride_kh + d[None, :], mask=valid, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)
         v = tl.load(V + rows[:, None] * stride_vt + head * stride_vh + d[None, :], mask=valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # BLOCK_T x BLOCK_T
+        s = s * scale  # BLOCK_T x BLOCK_T
         s = tl.where((t < length)[None, :], s, float("-inf"))
         p = tl.exp(s - tl.max(s, axis=1)[:, None])
         p = p / tl.sum(p, axis=1)[:, None]
@@ -99,9 +112,11 @@ def _window_attention_kernel(Q, K, V, Out, CuSeqlens, Cos, Sin, scale,
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     scale: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                     num_warps: int | None = None) -> torch.Tensor:
     """Triton launcher; same contract as `window_attention_reference`, segments of <= MAX_WINDOW
-    tokens (the caller checks: a longer one would be cut)."""
+    tokens (the caller checks: a longer one would be cut). `num_warps`: Triton's default unless
+    given (benchmarks/vision_kernels.py sweeps it)."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"expected q, k, v of one shape (T, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -128,9 +143,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k, v, out, cu_seqlens, cos, sin, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         cos.stride(0), sin.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_T=MAX_WINDOW,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_HALF=max(16, triton.next_power_of_2(head_dim // 2)), BLOCK_T=MAX_WINDOW,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
-        ROTARY=rotary,
+        ROTARY=rotary, **({"num_warps": num_warps} if num_warps else {}),
     )
     return out
 
