@@ -4,7 +4,7 @@ of 80, MLP 3420, windows of 64 patches): each option's time per call and its rat
     python -m benchmarks.vision_kernels --images 32 --json OUT.json      # GPU
 
 Attention (per block over the pack): FlashAttention varlen (what the engine ran), our window
-kernel (also after a compiled rotary pass, and with the rotary inside it), and SDPA over a (windows | images, heads, L, 80) batch with each backend. GEMMs (per
+kernel, and SDPA over a (windows | images, heads, L, 80) batch with each backend. GEMMs (per
 block): bf16 `mm` against FP8 e4m3 `torch._scaled_mm` with row-wise scales, with and without the
 cost of quantising the activation. FP8 activation quantisation (per block, kernels/fp8_quant.py):
 our one-pass kernels over a sweep of rows per program and warps (the first row of each shape is
@@ -57,7 +57,6 @@ def attention_rows(images: int) -> list[dict]:
         options = {f"varlen ({backend.name})": lambda: backend.varlen(q, k, v, cu, None, span, scale, causal=False)}
         if span <= WINDOW:
             options["window kernel"] = lambda: window_attention(q, k, v, cu, scale)
-            options.update(rotary_options(tokens, cu, scale))
         batched = [t.view(tokens // span, span, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v)]
         for name, choice in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
@@ -74,22 +73,6 @@ def attention_rows(images: int) -> list[dict]:
             rows.append({"kind": "attention", "span": label, "option": name, "ms": ms,
                          "tflops_per_s": flops / ms / 1e9, "ms_per_image": ms / images})
     return rows
-
-
-def rotary_options(tokens: int, cu: torch.Tensor, scale: float) -> dict:
-    """The window blocks' rotary as the engine ran it before (a compiled pass writing rotated q and
-    k, then the kernel), and inside the kernel's own pass; q, k, v as views of one qkv projection."""
-    from kernels.window_attention import rotary_reference, window_attention
-
-    q, k, v = torch.randn(tokens, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16).unbind(1)
-    angles = torch.rand(tokens, HEAD_DIM // 2, device="cuda") * 40
-    cos, sin = (f(torch.cat((angles, angles), -1)).bfloat16() for f in (torch.cos, torch.sin))
-    rotate = torch.compile(lambda q, k: (rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)))
-    options = {"rotary (compiled) + window kernel": lambda: window_attention(*rotate(q, k), v, cu, scale)}
-    for warps in (None, 8):  # Triton's default (4), and more warps for the extra registers the rotation takes
-        options[f"window kernel, rotary inside ({warps or 'default'} warps)"] = (
-            lambda warps=warps: window_attention(q, k, v, cu, scale, cos, sin, num_warps=warps))
-    return options
 
 
 def gemm_rows(images: int) -> list[dict]:

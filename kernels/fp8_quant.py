@@ -55,8 +55,10 @@ def normed_reference(x: torch.Tensor, norm: str, weight: torch.Tensor | None, bi
                      eps: float) -> torch.Tensor:
     if norm == "rms":
         return rms_norm_reference(x, weight, eps)
-    if norm == "layer":
-        return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    if norm == "layer":  # in fp32, rounded once to x's dtype: what CUDA's LayerNorm does for bf16, for any weight dtype
+        float_or_none = lambda t: None if t is None else t.float()  # noqa: E731
+        return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), float_or_none(weight), float_or_none(bias),
+                                              eps).to(x.dtype)
     return x
 
 
@@ -210,9 +212,8 @@ def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm: str = 
     if norm_bias is not None and (norm != "layer" or norm_bias.shape != (width,)):
         raise ValueError(f"norm_bias goes with a layer norm over {width}")
     shape = launch_shape("quantize_rows", padded_width, **launch)
-    plain_torch = norm != "none" and (x.dtype not in (torch.float32, torch.bfloat16) or
-                                      (norm == "layer" and norm_weight.dtype != x.dtype))
-    if shape["BLOCK"] > MAX_BLOCK or plain_torch:  # rare: fp16 rows, mixed LayerNorm dtypes, very wide rows
+    plain_torch = norm != "none" and x.dtype not in (torch.float32, torch.bfloat16)
+    if shape["BLOCK"] > MAX_BLOCK or plain_torch:  # rare: fp16 rows under a norm, very wide rows
         return quantize_rows_reference(x, padded_width, norm, norm_weight, norm_bias, eps)
     values = torch.empty(rows, padded_width, dtype=E4M3, device=x.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import decode_attention, decode_attention_reference
-from kernels.window_attention import MAX_WINDOW, rotary_reference
+from kernels.window_attention import MAX_WINDOW
 
 from .kv_cache import KVPool
 
@@ -130,14 +130,10 @@ class AttentionBackend:
         return prefill_attention_reference(q, k, v, cu_seqlens_list, scale, causal=causal)
 
     def vision(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-               max_seqlen: int, scale: float, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> torch.Tensor:
-        """Bidirectional attention within each segment (a vision tower's windows or images); with
-        `rotary` (cos, sin: (T, D)), of q and k rotated first (inside the window kernel's pass)."""
+               max_seqlen: int, scale: float) -> torch.Tensor:
+        """Bidirectional attention within each segment (a vision tower's windows or images)."""
         if self.fused_vision and max_seqlen <= MAX_WINDOW:
-            return torch.ops.sparsevlm.window_attention(q, k, v, cu_seqlens, scale, *(rotary or (None, None)))
-        if rotary is not None:
-            q, k = rotary_reference(q, *rotary), rotary_reference(k, *rotary)
+            return torch.ops.sparsevlm.window_attention(q, k, v, cu_seqlens, scale)
         if self.fused_vision and (cu_seqlens.numel() - 1) * max_seqlen == q.shape[0]:  # all of one length
             return torch.ops.sparsevlm.equal_segments_attention(q, k, v, max_seqlen, scale)
         return self.varlen(q, k, v, cu_seqlens, None, max_seqlen, scale, causal=False)

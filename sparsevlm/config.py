@@ -255,8 +255,7 @@ class EngineConfig:
     compile_prefill: the same compiled layers for prefill packs too (the same graphs, the token
         count dynamic). Off until measured on the GPU: `benchmarks/throughput.py --compile-prefill`.
     fused_vision: on CUDA, the vision tower's window attention through our Triton kernel
-        (kernels/window_attention.py; Qwen2.5-VL's window blocks rotate q and k inside it),
-        same-size images' full attention as one batched cuDNN
+        (kernels/window_attention.py), same-size images' full attention as one batched cuDNN
         call, and a Conv3d patch embedding as the one GEMM it is; False runs transformers'
         modules with FlashAttention varlen (the reference benchmarks compare with).
     vision_fp8: the vision tower's and projector's linear layers multiply in FP8 (e4m3, a scale

@@ -61,7 +61,12 @@ def test_quantize_rows_with_its_norm_equals_the_reference(rows, width, dtype, we
     norm_bias = torch.randn(width, generator=generator).to(DEVICE, weight_dtype) if bias else None
     padded = -(-width // 16) * 16
     got = quantize_rows(x, padded, norm, weight, norm_bias, eps=1e-6)
-    assert_quantized_close(got, quantize_rows_reference(x, padded, norm, weight, norm_bias, eps=1e-6))
+    want = quantize_rows_reference(x, padded, norm, weight, norm_bias, eps=1e-6)
+    if norm == "layer" and not bias:  # row 0 is constant: its LayerNorm is exactly zero, which the kernel gives;
+        assert got[1][0].item() == 1.0 and not got[0][0].float().any()  # CUDA's LayerNorm may leave rounding noise
+        assert (want[0][0].float() * want[1][0]).abs().max().item() < 1e-3
+        got, want = tuple(t[1:] for t in got), tuple(t[1:] for t in want)
+    assert_quantized_close(got, want)
 
 
 @pytest.mark.parametrize("rows_per_program,num_warps", [(1, 4), (2, 8), (16, 4)])

@@ -202,32 +202,6 @@ def test_every_tower_fuses_its_norms_and_equals_the_unfused_fp8_tower(family, ti
     assert_same_fp8_result(got, want, 1e-4)
 
 
-def test_fp8_linears_serve_the_rotary_window_attention(tiny_checkpoints, monkeypatch):
-    """Qwen2.5-VL's window blocks with the rotary inside the window kernel (interpreted here) call
-    the FP8 copies of qkv and proj: the same features as the FP8 tower over transformers' attention."""
-    import kernels.window_attention as kernel_module
-    from helpers import mixed_samples
-
-    dense = VLMEngine.from_pretrained(tiny_checkpoints["qwen2_5_vl"], dtype=torch.float32, device="cpu")
-    fp8 = VLMEngine(dense.model, dense.processor, engine_config=EngineConfig(vision_fp8=True))
-    samples = mixed_samples(dense.processor, seed=5)
-    want = _visual_rows(fp8, samples)
-    fp8.adapter.fuse_vision()
-    rotated_in_kernel, kernel = [], kernel_module.window_attention
-    monkeypatch.setattr(kernel_module, "window_attention",
-                        lambda *a: rotated_in_kernel.append(a[5] is not None) or kernel(*a))
-    backend = AttentionBackend("sdpa", torch.device("cpu"))
-    backend.fused_vision = True
-    prepared = [fp8.prepare(s, i) for i, s in enumerate(samples)]
-    with torch.inference_mode():
-        features = fp8.adapter.encode_visual(prepared, backend)
-    got = torch.cat([features.by_token_id[key] for key in sorted(features.by_token_id)])
-    vision = dense.model.config.vision_config  # (a full-attention block over small images may use it too, unrotated)
-    tower_calls = sum(any(key in s for s in samples) for key in ("image_grid_thw", "video_grid_thw"))  # one per kind
-    assert rotated_in_kernel.count(True) == tower_calls * (vision.depth - len(vision.fullatt_block_indexes)) > 0
-    assert_same_fp8_result(got, want, 1e-4)
-
-
 def test_an_older_gpu_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")

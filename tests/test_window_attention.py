@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.window_attention import MAX_WINDOW, rotary_reference, window_attention, window_attention_reference
+from kernels.window_attention import MAX_WINDOW, window_attention, window_attention_reference
 from sparsevlm import EngineConfig, VLMEngine
 from sparsevlm.adapters.qwen_vl import PatchEmbedAsLinear
 from sparsevlm.attention import AttentionBackend
@@ -45,45 +45,6 @@ def test_window_kernel_reads_strided_heads():
     assert (got - want).abs().max().item() <= TOLERANCE[q.dtype]
 
 
-@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim,lengths", [(16, [64, 17, 0, 5]), (80, [64, 64, 33]), (40, [1, 9])])
-def test_window_kernel_rotates_q_and_k_as_the_reference(head_dim, lengths, table_dtype):
-    """q, k, v as views of one (T, 3, H, D) projection, as the tower hands them; cos and sin (T, D)
-    of random angles, in fp32 or the tower's dtype (transformers gives them in the hidden dtype)."""
-    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    generator = torch.Generator().manual_seed(head_dim)
-    total, heads = sum(lengths), 3
-    qkv = torch.randn(total, 3, heads, head_dim, generator=generator).to(DEVICE, dtype)
-    q, k, v = qkv.unbind(1)
-    angles = torch.rand(total, head_dim // 2, generator=generator) * 40
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().to(DEVICE, table_dtype), angles.sin().to(DEVICE, table_dtype)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    got = window_attention(q, k, v, cu, head_dim ** -0.5, cos, sin).float()
-    want = window_attention_reference(q, k, v, cu, head_dim ** -0.5, cos, sin).float()  # rotated in q's dtype
-    assert (got - want).abs().max().item() <= TOLERANCE[dtype]
-    unrotated = window_attention_reference(q, k, v, cu, head_dim ** -0.5).float()
-    assert (unrotated - want).abs().max().item() > 10 * TOLERANCE[dtype]  # the rotation mattered
-
-
-def test_rotary_reference_is_transformers_rotation():
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
-    generator = torch.Generator().manual_seed(7)
-    q, k = (torch.randn(11, 2, 8, generator=generator).bfloat16() for _ in range(2))
-    cos, sin = (torch.randn(11, 8, generator=generator).bfloat16() for _ in range(2))
-    want_q, want_k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    assert torch.equal(rotary_reference(q, cos, sin), want_q) and torch.equal(rotary_reference(k, cos, sin), want_k)
-
-
-def test_window_kernel_refuses_mismatched_rotary_tables():
-    q, k, v, cu = segments_case([8], 1, 16, torch.float32, seed=0)
-    with pytest.raises(ValueError, match="both rotary tables"):
-        window_attention(q, k, v, cu, 0.25, cos=torch.ones(8, 16, device=DEVICE))
-    with pytest.raises(ValueError, match=r"\(T, D\)"):
-        window_attention(q, k, v, cu, 0.25, torch.ones(8, 8, device=DEVICE), torch.ones(8, 8, device=DEVICE))
-
-
 def test_backend_routes_vision_attention(monkeypatch):
     """Windows to the kernel, equal-length segments to one batched SDPA, the rest to varlen."""
     backend = AttentionBackend("sdpa", torch.device(DEVICE))
@@ -95,12 +56,10 @@ def test_backend_routes_vision_attention(monkeypatch):
     dtype = torch.float32
     for lengths in ([MAX_WINDOW, 3], [MAX_WINDOW + 1, 3], [70, 70, 70]):
         q, k, v, cu = segments_case(lengths, 2, 16, dtype, seed=1)
-        angles = torch.rand(q.shape[0], 16, generator=torch.Generator().manual_seed(2)).to(DEVICE) * 9
-        for rotary in (None, (angles.cos(), angles.sin())):
-            got = backend.vision(q, k, v, cu, max(lengths), 0.25, rotary=rotary).float()
-            want = window_attention_reference(q, k, v, cu, 0.25, *(rotary or (None, None)))
-            assert (got - want).abs().max().item() <= (2e-5 if DEVICE == "cpu" else 2e-3)  # cuDNN: TF32-class sums
-    assert varlen_calls == [MAX_WINDOW + 1] * 2  # unequal and longer than a tile: the only varlen calls
+        got = backend.vision(q, k, v, cu, max(lengths), 0.25).float()
+        want = window_attention_reference(q.float(), k.float(), v.float(), cu, 0.25)
+        assert (got - want).abs().max().item() <= (2e-5 if DEVICE == "cpu" else 2e-3)  # cuDNN: TF32-class sums
+    assert varlen_calls == [MAX_WINDOW + 1]  # unequal and longer than a tile: the only varlen call
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -110,10 +69,9 @@ def test_fused_tower_equals_transformers_tower(family, tiny_checkpoints, monkeyp
     import kernels.window_attention as kernel_module
     from helpers import mixed_samples
 
-    kernel_calls = []  # whether each call rotated q and k itself
+    kernel_calls = []
     kernel = kernel_module.window_attention
-    monkeypatch.setattr(kernel_module, "window_attention",
-                        lambda *a: kernel_calls.append(len(a) > 5 and a[5] is not None) or kernel(*a))
+    monkeypatch.setattr(kernel_module, "window_attention", lambda *a: kernel_calls.append(1) or kernel(*a))
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the reference Conv3d, on CUDA
     engine = VLMEngine.from_pretrained(tiny_checkpoints[family], dtype=torch.float32, device=DEVICE,
@@ -133,7 +91,7 @@ def test_fused_tower_equals_transformers_tower(family, tiny_checkpoints, monkeyp
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
     vision = engine.model.config.vision_config  # windowed blocks fit the tile; whole images here do not
     windowed = vision.depth - len(getattr(vision, "fullatt_block_indexes", range(vision.depth)))
-    assert kernel_calls == [True] * windowed  # the windowed blocks' rotary inside the kernel
+    assert len(kernel_calls) == windowed
     assert any(isinstance(module, PatchEmbedAsLinear) for *_, module in adapter._tower_swaps.values())
     assert type(adapter.visual.patch_embed).__name__ != "PatchEmbedAsLinear"  # swapped back after the call
 

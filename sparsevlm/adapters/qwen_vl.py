@@ -154,30 +154,6 @@ class PatchEmbedAsLinear(torch.nn.Module):
         return torch.nn.functional.linear(patches, weight, self.proj.bias)
 
 
-class RotaryInWindowAttention(torch.nn.Module):
-    """Qwen2.5-VL's window-attention module with q and k rotated inside the window kernel's pass
-    (`AttentionBackend.vision(..., rotary=...)`), not by a compiled pass that writes both out and
-    the kernel reads back. Calls the model's own qkv and proj (or the engine's FP8 copies of them);
-    same inputs and output as transformers' module."""
-
-    def __init__(self, attn):
-        super().__init__()
-        self.attn = attn
-
-    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor], max_seqlen=None, sparsevlm_backend=None,
-                **kwargs) -> torch.Tensor:
-        if sparsevlm_backend is None:
-            raise RuntimeError("the engine's vision attention needs its backend; run the tower through VLMEngine")
-        attn, rows = self.attn, hidden_states.shape[0]
-        if max_seqlen is None:
-            max_seqlen = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
-        q, k, v = attn.qkv(hidden_states).reshape(rows, 3, attn.num_heads, -1).unbind(1)
-        out = sparsevlm_backend.vision(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), attn.scaling,
-                                       rotary=position_embeddings)
-        return attn.proj(out.reshape(rows, -1))
-
-
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     media_kinds = QwenVLProcessor.media_kinds
@@ -243,15 +219,8 @@ class QwenVLAdapter(ModelAdapter):
         return feeds
 
     def fuse_vision(self) -> None:
-        """Inside the engine's tower calls (the model keeps its own modules): the patch embedding
-        as one GEMM, and Qwen2.5-VL's window blocks with the rotary inside the window kernel."""
+        """The patch embedding as one GEMM inside the engine's tower calls (the model keeps its Conv3d)."""
         self.use_in_tower(self.visual, "patch_embed", PatchEmbedAsLinear(self.visual.patch_embed))
-        full_attention = getattr(self.visual, "fullatt_block_indexes", None)
-        if full_attention is None:  # Qwen2-VL, Qwen3-VL: every block attends over whole images
-            return
-        for index, block in enumerate(self.visual.blocks):
-            if index not in full_attention:
-                self.use_in_tower(block, "attn", RotaryInWindowAttention(block.attn))
 
     def encode_visual(self, samples: list[PreparedSample], backend) -> VisualFeatures:
         """One vision-tower call per kind over all images (videos) of the pack, varlen attention."""
