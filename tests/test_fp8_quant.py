@@ -63,9 +63,9 @@ def test_quantize_rows_with_its_norm_equals_the_reference(rows, width, dtype, we
     got = quantize_rows(x, padded, norm, weight, norm_bias, eps=1e-6)
     want = quantize_rows_reference(x, padded, norm, weight, norm_bias, eps=1e-6)
     if norm == "layer" and not bias:
-        # Row 0 is constant: its LayerNorm is zero. A mean a rounding off (the GPU's fp32 division is not
-        # exact, CUDA's LayerNorm sums its own way) leaves noise ~1e-5 that the row's own scale magnifies
-        # to full e4m3 values, so each side is held to zero after dequantising, not to the other's values.
+        # Row 0 is constant: its LayerNorm is zero. A mean one rounding off (the GPU's fp32 division is
+        # not exact; CUDA's LayerNorm sums its own way) leaves noise ~1e-5, which the row's own scale
+        # blows up to full e4m3 values: each side is held to zero after dequantising, not to the other.
         for values, scales in (got, want):
             assert (values[0].float() * scales[0]).abs().max().item() < 1e-3
         got, want = tuple(t[1:] for t in got), tuple(t[1:] for t in want)
