@@ -3,6 +3,9 @@ where the device time goes (GEMMs, attention, elementwise, copies, host gaps).
 
     python -m benchmarks.profile_vision --model qwen2_5_vl_7b --images 32 --json OUT.json     # GPU
 
+Any of the 7B architectures (`--model`: Qwen2.5-VL's windowed tower, Qwen3-VL's, LLaVA-1.5's CLIP,
+LLaVA-OneVision's SigLIP over its tiles); the FLOP limit's share comes from the tower's matrix
+FLOPs counted by torch (`tower_work`), not from a formula per family.
 Each variant (`--variants`) is timed in the same process on the same images: median of
 `--repeats` calls of `adapter.encode_visual` over one pack after a warm-up (compilation
 excluded), then profiled once with torch.profiler. Kernel names are sorted into coarse
@@ -40,22 +43,21 @@ KERNEL_CLASSES = (  # first match wins, on the lower-cased kernel name
 )
 
 
-def tower_flops(vision_config, patches_per_image: int) -> float:
-    """Matrix FLOPs of one image through Qwen2/2.5-VL's tower (patch embed, blocks, merger)."""
-    d = vision_config.hidden_size if hasattr(vision_config, "hidden_size") else vision_config.embed_dim
-    n = patches_per_image
-    mlp = getattr(vision_config, "intermediate_size", None) or int(d * vision_config.mlp_ratio)
-    gated = hasattr(vision_config, "fullatt_block_indexes")  # 2.5: SwiGLU (3 matrices); 2: fc1/fc2
-    full = set(getattr(vision_config, "fullatt_block_indexes", range(vision_config.depth)))
-    window = (getattr(vision_config, "window_size", 0) // vision_config.patch_size) ** 2 or n
-    patch = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
-    total = 2 * n * patch * d
-    for block in range(vision_config.depth):
-        span = n if block in full else min(window, n)
-        total += 2 * n * (4 * d * d + (3 if gated else 2) * d * mlp) + 4 * n * span * d
-    merged, width = n // vision_config.spatial_merge_size ** 2, d * vision_config.spatial_merge_size ** 2
-    out = getattr(vision_config, "out_hidden_size", None) or vision_config.hidden_size
-    return total + 2 * merged * (width * width + width * out)
+def tower_work(model, processor, sample: dict) -> tuple[float, int]:
+    """(matrix FLOPs, vision patches) of one sample through the tower and projector: the FLOPs of
+    GEMMs, convolutions and attention, counted by torch's FlopCounterMode over the model's own
+    modules (no compile, no fused path, SDPA per segment): one definition for every family."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    engine = VLMEngine(model, processor, engine_config=EngineConfig(
+        max_cache_tokens=4096, cuda_graphs=False, compile_vision=False, compile_decode=False, fused_vision=False,
+        attention_backend="sdpa"))
+    prepared = [engine.prepare(sample, 0)]
+    # SDPA's math backend: plain matmuls the counter knows on every device (its fused CPU kernel it does not)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        engine.adapter.encode_visual(prepared, engine.runner.backend)
+    return float(counter.get_total_flops()), prepared[0].num_vision_patches
 
 
 def kernel_class(name: str) -> str:
@@ -126,8 +128,7 @@ def main() -> None:
         raise SystemExit("profile_vision needs a CUDA device")
     model, processor = load_model(args.model, str(device))
     samples = make_samples(processor, WORKLOADS[args.workload], args.images, args.model)
-    patches = sum(int(s[k].shape[0]) for s in samples for k in ("pixel_values", "pixel_values_videos") if k in s)
-    flops = tower_flops(model.config.vision_config, patches // args.images)
+    flops, patches = tower_work(model, processor, samples[0])  # the workload's images (videos) are all one size
     rows = []
     for variant in args.variants.split(","):
         small = dict(max_cache_tokens=4096, cuda_graphs=False)  # the tower alone needs no KV pool or graphs
@@ -155,7 +156,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": " ".join(["python -m benchmarks.profile_vision", *sys.argv[1:]]), "model": args.model,
-            "workload": args.workload, "images": args.images, "patches_per_image": patches // args.images,
+            "workload": args.workload, "images": args.images, "patches_per_image": patches,
             "tower_tflop_per_image": flops / 1e12, "device": torch.cuda.get_device_name(device),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__, "rows": rows},
             indent=2))
