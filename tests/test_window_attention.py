@@ -96,6 +96,45 @@ def test_fused_tower_equals_transformers_tower(family, tiny_checkpoints, monkeyp
     assert type(adapter.visual.patch_embed).__name__ != "PatchEmbedAsLinear"  # swapped back after the call
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_tower_call_reads_nothing_back_to_the_host(family, tiny_checkpoints, monkeypatch):
+    """Inside the engine's tower call no tensor is read back (`.tolist()`, `.item()`: on CUDA each
+    waits for the GPU to drain): rotary positions, segments, windows and Qwen3-VL's interpolation
+    come computed from the host's grid, once per pack shape. (Same-size images, so whole-image
+    attention takes the batched path it takes on CUDA; the window kernel runs interpreted.)"""
+    from helpers import chat, random_image
+
+    engine = VLMEngine.from_pretrained(tiny_checkpoints[family], dtype=torch.float32, device=DEVICE,
+                                       engine_config=EngineConfig(compile_vision=False, cuda_graphs=False))
+    adapter, processor = engine.adapter, engine.processor
+    backend = AttentionBackend("sdpa", torch.device(DEVICE))
+    backend.fused_vision = True
+    adapter.fuse_vision()
+    rng = __import__("numpy").random.default_rng(3)
+    samples = [processor(text=[chat(processor, "image", text="What is it?")], images=[random_image(rng, 140, 196)])
+               for _ in range(3)]
+    prepared = [engine.prepare(s, i) for i, s in enumerate(samples)]
+
+    def refuse(name):
+        def read_back(tensor, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name}() inside the tower call")
+        return read_back
+
+    run_tower = adapter.run_tower
+
+    def run_without_read_backs(call):
+        with monkeypatch.context() as inside:
+            for name in ("tolist", "item"):
+                inside.setattr(torch.Tensor, name, refuse(name))
+            return run_tower(call)
+
+    monkeypatch.setattr(adapter, "run_tower", run_without_read_backs)
+    with torch.inference_mode():
+        first = adapter.encode_visual(prepared, backend).by_token_id[engine.model.config.image_token_id]
+        again = adapter.encode_visual(prepared, backend).by_token_id[engine.model.config.image_token_id]
+    assert torch.equal(first, again) and len(adapter._tower_metadata) == 1  # the second pack from the cache
+
+
 def test_linear_patch_embedding_equals_the_conv(tiny_checkpoints):
     engine = VLMEngine.from_pretrained(tiny_checkpoints["qwen3_vl"], dtype=torch.float32, device="cpu")
     conv = engine.adapter.visual.patch_embed  # Qwen3-VL's has a bias: the GEMM carries it

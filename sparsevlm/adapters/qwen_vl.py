@@ -17,6 +17,8 @@ bit for bit as the processor does it on the CPU.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from ..attention import VISION_ATTENTION_NAME, attention_implementation
@@ -154,6 +156,33 @@ class PatchEmbedAsLinear(torch.nn.Module):
         return torch.nn.functional.linear(patches, weight, self.proj.bias)
 
 
+def tower_metadata_on_host(visual, grid: torch.Tensor) -> dict:
+    """What transformers' Qwen tower computes from the grid before its blocks (rotary positions,
+    attention segments and their longest, Qwen2.5-VL's windows, Qwen3-VL's position-embedding
+    interpolation), computed from the host's grid by transformers' own functions. The tower pops
+    each from its kwargs when given (transformers.vision_utils): computed from a device grid they
+    cost it `.tolist()` / `.item()` syncs, the GPU idling while the host catches up."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
+    longest = lambda cu: int((cu[1:] - cu[:-1]).max())  # noqa: E731
+    cu_seqlens = get_vision_cu_seqlens(grid)
+    metadata = {"position_ids": get_vision_position_ids(grid, visual.spatial_merge_size),
+                "cu_seqlens": cu_seqlens, "max_seqlen": longest(cu_seqlens)}
+    if getattr(visual, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: most blocks attend in windows
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, cu_windows = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                           visual.patch_size)
+        metadata.update(window_index=window_index, cu_window_seqlens=cu_windows, max_window_seqlen=longest(cu_windows))
+    if hasattr(visual, "num_grid_per_side"):  # Qwen3-VL: learned position embeddings, interpolated per grid
+        from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+        metadata["interp_indices"], metadata["interp_weights"] = get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size)
+    return metadata
+
+
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     media_kinds = QwenVLProcessor.media_kinds
@@ -167,6 +196,7 @@ class QwenVLAdapter(ModelAdapter):
         self.preparer = QwenVLPreparer(model.config, inner.get_rope_index)
         self.token_ids = self.preparer.token_ids
         self._pixel_configs: dict[str, tuple] = {}  # kind -> (preprocess config, device normalisation table)
+        self._tower_metadata: OrderedDict[tuple, dict] = OrderedDict()  # pack shape -> the tower's metadata, uploaded
 
     @classmethod
     def load_processor(cls, path_or_id, config) -> QwenVLProcessor:
@@ -231,15 +261,35 @@ class QwenVLAdapter(ModelAdapter):
             if not chosen:
                 continue
             pixels = torch.cat([self._patches(s, pixel_key, kind) for s in chosen])
-            grid = torch.cat([s.visual_inputs[grid_key] for s in chosen])
-            grid = (grid.pin_memory() if self.device.type == "cuda" else grid).to(self.device, non_blocking=True)
+            host_grid = torch.cat([s.visual_inputs[grid_key] for s in chosen])
+            metadata, grid = self.tower_metadata(host_grid), self._upload(host_grid)
             with attention_implementation(self.visual.config, VISION_ATTENTION_NAME):
-                output = self.run_tower(lambda: self.visual(pixels, grid_thw=grid, sparsevlm_backend=backend))
+                output = self.run_tower(lambda: self.visual(pixels, grid_thw=grid, sparsevlm_backend=backend,
+                                                            **metadata))
             token_id = self.token_ids[token_type]
             features.by_token_id[token_id] = output.pooler_output
             if getattr(output, "deepstack_features", None):
                 features.deepstack[token_id] = list(output.deepstack_features)
         return features
+
+    METADATA_SHAPES = 8  # pack shapes whose tower metadata stays on the device (same-size media make few)
+
+    def tower_metadata(self, host_grid: torch.Tensor) -> dict:
+        """The tower's metadata for a pack of this grid (`tower_metadata_on_host`), on the device:
+        computed and uploaded once per pack shape, no sync."""
+        key = tuple(map(tuple, host_grid.tolist()))  # a host tensor: no sync
+        if key in self._tower_metadata:
+            self._tower_metadata.move_to_end(key)
+        else:
+            self._tower_metadata[key] = {name: self._upload(value) if isinstance(value, torch.Tensor) else value
+                                         for name, value in tower_metadata_on_host(self.visual, host_grid).items()}
+            if len(self._tower_metadata) > self.METADATA_SHAPES:
+                self._tower_metadata.popitem(last=False)
+        return self._tower_metadata[key]
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, copied from pinned memory (a pageable copy would wait for the GPU)."""
+        return (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
 
     def _patches(self, sample: PreparedSample, pixel_key: str, kind: str) -> torch.Tensor:
         """The sample's patches of one kind on the device, in the tower's dtype: uploaded float
