@@ -87,10 +87,10 @@ def render(reports: dict | list[dict], begin: str = BEGIN, end: str = END) -> st
 def _run(report: dict) -> list[str]:
     rows = [r for r in report["rows"] if "error" not in r]
     with_vllm = any(r["system"].startswith("vllm") for r in rows)
-    measured_at = f" at commit {report['commit']}" if report.get("commit") else ""
-    lines = [f"{report['device']}, torch {report['torch']}, transformers {report['transformers']}; one run{measured_at} "
-             "of", f"`{_as_run_now(report['command'])}`:", *([f"({report['note']})"] if report.get("note") else []),
-             "", *_table(rows), "",
+    run = f"one run at commit {report['commit']} of" if report.get("commit") else "one run of"
+    note = [f"({report['note']})"] if report.get("note") else []
+    lines = [f"{report['device']}, torch {report['torch']}, transformers {report['transformers']}; {run}",
+             f"`{_as_run_now(report['command'])}`:", *note, "", *_table(rows), "",
              "| target (BENCHMARKS.md) | measured | |", "|---|---|---|"]
     for workload, method, against, target in TARGETS:
         row = next((r for r in rows if r["workload"] == workload and r.get("method") == method), None)
