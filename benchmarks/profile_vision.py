@@ -6,6 +6,7 @@ where the device time goes (GEMMs, attention, elementwise, copies, host gaps).
 Any of the 7B architectures (`--model`: Qwen2.5-VL's windowed tower, Qwen3-VL's, LLaVA-1.5's CLIP,
 LLaVA-OneVision's SigLIP over its tiles); the FLOP limit's share comes from the tower's matrix
 FLOPs counted by torch (`tower_work`), not from a formula per family.
+
 Each variant (`--variants`) is timed in the same process on the same images: median of
 `--repeats` calls of `adapter.encode_visual` over one pack after a warm-up (compilation
 excluded), then profiled once with torch.profiler. Kernel names are sorted into coarse

@@ -3,6 +3,7 @@ model's own tower, checked against Qwen2.5-VL's tower written out by hand, and c
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def qwen2_5_vl_tower_flops(vision, patches: int, windows: list[int], images: lis
 
 
 def one_image_sample(processor, height: int, width: int) -> dict:
-    image = random_image(__import__("numpy").random.default_rng(0), height, width)
+    image = random_image(np.random.default_rng(0), height, width)
     return processor(text=[chat(processor, "image", text="What is in the picture?")], images=[image])
 
 

@@ -3,6 +3,7 @@ tower (window kernel, patch embedding as one GEMM) against transformers' own tow
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,7 +111,7 @@ def test_the_tower_call_reads_nothing_back_to_the_host(family, tiny_checkpoints,
     backend = AttentionBackend("sdpa", torch.device(DEVICE))
     backend.fused_vision = True
     adapter.fuse_vision()
-    rng = __import__("numpy").random.default_rng(3)
+    rng = np.random.default_rng(3)
     samples = [processor(text=[chat(processor, "image", text="What is it?")], images=[random_image(rng, 140, 196)])
                for _ in range(3)]
     prepared = [engine.prepare(s, i) for i, s in enumerate(samples)]
