@@ -1,7 +1,7 @@
 """FP8 vision GEMMs (sparsevlm/fp8.py): the linear against a naive per-row reference, the
 tower of every family against its full-precision self, and the swap confined to the engine's calls.
 
-CPU runs torch's reference `_scaled_mm` (fp32 accumulation); on CUDA the same code runs on FP8
+CPU runs the same product in fp32 (Fp8Linear.multiply); on CUDA the same code runs on FP8
 tensor cores. Tolerances: against the dequantised product the FP8 linear is exact up to fp32
 summation order (1e-5 relative); against the unquantised linear, e4m3's 3 mantissa bits give
 ~3.5% relative error on random data (bounded here by 6%)."""
