@@ -27,13 +27,13 @@ def main() -> None:
     parser.add_argument("--method", default="none", help="none, METHOD-PRESET or METHOD-rRATIO")
     parser.add_argument("--rows", type=int, default=30, help="profiler table rows")
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace here")
-    parser.add_argument("--compile-prefill", action="store_true", help="EngineConfig.compile_prefill")
+    parser.add_argument("--no-compile-prefill", action="store_true", help="EngineConfig.compile_prefill off")
     parser.add_argument("--vision-fp8", action="store_true", help="EngineConfig.vision_fp8")
     args = parser.parse_args()
 
     device = device_for(args.model)
     model, processor = load_model(args.model, str(device))
-    engine = VLMEngine(model, processor, engine_config=EngineConfig(compile_prefill=args.compile_prefill,
+    engine = VLMEngine(model, processor, engine_config=EngineConfig(compile_prefill=not args.no_compile_prefill,
                                                                     vision_fp8=args.vision_fp8))
     workload = WORKLOADS[args.workload]
     samples = make_samples(processor, workload, args.num_samples, args.model)

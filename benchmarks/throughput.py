@@ -200,7 +200,7 @@ def write_report(args, device: torch.device, rows: list[dict]) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
-        "compile_decode": not args.no_compile_decode, "compile_prefill": args.compile_prefill,
+        "compile_decode": not args.no_compile_decode, "compile_prefill": not args.no_compile_prefill,
         "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -225,8 +225,8 @@ def main() -> None:
     parser.add_argument("--no-compile-vision", action="store_true")
     parser.add_argument("--no-compile-decode", action="store_true", help="decode steps through the decoder "
                         "layers as loaded (not torch.compile'd)")
-    parser.add_argument("--compile-prefill", action="store_true", help="prefill packs through the compiled "
-                        "decoder layers too (EngineConfig.compile_prefill)")
+    parser.add_argument("--no-compile-prefill", action="store_true", help="prefill packs through the "
+                        "decoder layers as loaded (EngineConfig.compile_prefill off)")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
@@ -252,7 +252,7 @@ def main() -> None:
         engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                         compile_vision=not args.no_compile_vision,
                                                                         compile_decode=not args.no_compile_decode,
-                                                                        compile_prefill=args.compile_prefill,
+                                                                        compile_prefill=not args.no_compile_prefill,
                                                                         fused_vision=not args.no_fused_vision,
                                                                         vision_fp8=vision_fp8, max_num_seqs=seats))
         for name in args.workloads.split(","):

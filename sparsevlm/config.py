@@ -253,7 +253,8 @@ class EngineConfig:
         layer's norms, rotary and activation; start-up pays the compilation, the decode graphs
         replay the result).
     compile_prefill: the same compiled layers for prefill packs too (the same graphs, the token
-        count dynamic). Off until measured on the GPU: `benchmarks/throughput.py --compile-prefill`.
+        count dynamic). In eager mode a pack's norms, rotary and SwiGLU are ~30% of its device time
+        beside the GEMMs; compiled, dense `vqa-1024` runs 1.12x faster on an H100 (README).
     fused_vision: on CUDA, the vision tower's window attention through our Triton kernel
         (kernels/window_attention.py), same-size images' full attention as one batched cuDNN
         call, and a Conv3d patch embedding as the one GEMM it is; False runs transformers'
@@ -273,7 +274,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     compile_vision: bool = True
     compile_decode: bool = True
-    compile_prefill: bool = False
+    compile_prefill: bool = True
     fused_vision: bool = True
     vision_fp8: bool = False
     graph_batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
