@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "benchmarks" / "results" / "h200_throughput_vllm.json"
 FP8_SOURCES = tuple(REPO / "benchmarks" / "results" / name for name in (
+    "h100_throughput_fp8_compiled_prefill_vllm_vqa_video.json",  # the defaults today (compiled prefill)
     "h100_throughput_fp8_native_casts_vllm.json",  # bf16 and FP8 in one call (its vLLM part cut off)
     "h100_throughput_fp8_native_casts_vllm_vqa_video.json",  # FP8 beside vLLM dense
     "h100_throughput_fp8_native_casts_vllm_caption.json"))
@@ -70,9 +71,13 @@ def _table(rows: list[dict]) -> list[str]:
     return [line(columns), "|" + "---|" * len(columns), *(line(row.get(c, "") for c in columns) for row in cells)]
 
 
-def _as_run_now(command: str) -> str:
-    """The recorded command as it is run today (benchmarks became a package: python -m)."""
-    command = command.replace("/root/out/", "benchmarks/results/").replace("--hf-batch-sizes  ", '--hf-batch-sizes "" ')
+def _as_run_now(report: dict) -> str:
+    """The run's command as it is given today (benchmarks became a package: python -m; compiled prefill
+    became the default, so a run without it says --no-compile-prefill)."""
+    command = report["command"].replace("/root/out/", "benchmarks/results/").replace(
+        "--hf-batch-sizes  ", '--hf-batch-sizes "" ').replace(" --compile-prefill", "")
+    if not report.get("compile_prefill"):  # before the flag was recorded, prefill was never compiled
+        command += " --no-compile-prefill"
     return re.sub(r"python \S*benchmarks/(\w+)\.py", r"python -m benchmarks.\1", command)  # argv[0] may be absolute
 
 
@@ -90,7 +95,7 @@ def _run(report: dict) -> list[str]:
     run = f"one run at commit {report['commit']} of" if report.get("commit") else "one run of"
     note = [f"({report['note']})"] if report.get("note") else []
     lines = [f"{report['device']}, torch {report['torch']}, transformers {report['transformers']}; {run}",
-             f"`{_as_run_now(report['command'])}`:", *note, "", *_table(rows), "",
+             f"`{_as_run_now(report)}`:", *note, "", *_table(rows), "",
              "| target (BENCHMARKS.md) | measured | |", "|---|---|---|"]
     for workload, method, against, target in TARGETS:
         row = next((r for r in rows if r["workload"] == workload and r.get("method") == method), None)
