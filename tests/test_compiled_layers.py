@@ -27,8 +27,8 @@ def engine(request, tiny_checkpoints):
 
 
 def compiled_run(engine, samples, params, sparsity=None):
-    """`engine.generate` with compiled layers for prefill and decode (what compile_prefill adds to the
-    GPU default, compile_decode), then the layers as loaded again."""
+    """`engine.generate` with compiled layers for prefill and decode (the GPU default: compile_prefill
+    and compile_decode), then the layers as loaded again."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     runner = engine.runner
