@@ -116,12 +116,11 @@ class Fp8Linear(torch.nn.Module):
 
     def multiply(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Quantised (M, padded K) activations -> (M, N) (padded N with `pad_output`) in `dtype`."""
-        # CUDA's per-row-scaled kernels write bf16 only (an fp16 or fp32 tower gets it cast back)
-        if values.is_cuda:
+        if values.is_cuda:  # per-row-scaled kernels write bf16 only (an fp16 or fp32 tower gets it cast back)
             out = torch._scaled_mm(values, self.weight_t, scale_a=scales, scale_b=self.weight_scale,
                                    out_dtype=torch.bfloat16)
-        else:  # the same product in fp32 (e4m3 products are exact there); CPU _scaled_mm takes row scales from torch 2.13 only
-            out = ((values.float() @ self.weight_t.float()) * scales * self.weight_scale).to(dtype)
+        else:  # the same product in fp32, where e4m3 products are exact (CPU _scaled_mm: row scales from torch 2.13)
+            out = (values.float() @ self.weight_t.float()) * scales * self.weight_scale
         if not self.pad_output:
             out = out[:, :self.out_features]
         out = out.to(dtype)
