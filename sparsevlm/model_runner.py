@@ -139,7 +139,26 @@ class ModelRunner:
     # -- prefill -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, pack: list[Sequence]) -> list[int]:
-        """Vision tower, packed decoder pass with pruning, first token of each sequence."""
+        """Vision tower, packed decoder pass with pruning, first token of each sequence.
+
+        A compiler failure in the compiled prefill layers (tracing or backend: never a device fault)
+        gives them up for good, logged, and the pack runs again through the layers as loaded: its
+        cache slots are written anew and its plans restored (rank-adaptive pruning replans)."""
+        plans = [seq.plan for seq in pack]
+        try:
+            return self._prefill(pack)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            loaded = list(self.adapter.layers)
+            if self.prefill_layers == loaded:
+                raise
+            logger.warning("the compiled decoder layers failed on a prefill pack (%s); prefill runs the layers "
+                           "as loaded from now on", str(error).splitlines()[0] if str(error) else type(error).__name__)
+            self.prefill_layers = loaded
+            for seq, plan in zip(pack, plans):
+                seq.plan = plan
+            return self._prefill(pack)
+
+    def _prefill(self, pack: list[Sequence]) -> list[int]:
         sparsity = pack[0].sparsity
         for seq in pack:
             seq.generator = make_generator(seq.params, self.device, seq.seed)

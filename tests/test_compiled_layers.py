@@ -8,6 +8,8 @@ engine's pruned run. The GPU test in test_engine_gpu.py runs inductor's kernels.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -92,3 +94,30 @@ def test_a_tower_that_fails_to_compile_runs_the_model_s_own(tiny_checkpoints, ca
     assert [r.token_ids for r in engine.generate(samples, params)] == expected
     assert "failed to compile" in caplog.text
     assert not engine.adapter._tower_swaps  # given up for good: later packs do not try again
+
+
+def test_a_compiler_failure_in_prefill_falls_back_to_the_layers_as_loaded(engine, caplog):
+    """The compiled layers fail to compile mid-pack, after a rank-adaptive pruning layer replanned the
+    samples: the pack runs again through the layers as loaded, from its original plans, and gives
+    what an uncompiled engine gives; later packs stay on the loaded layers."""
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("a backend failure made by the test")
+
+    samples = mixed_samples(engine.processor, seed=9)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    adaptive = SparsityConfig(method="sparsevlm", schedule={1: 0.8, 2: 0.5}, rank_adaptive=True, rank_scale=1.0,
+                              rank_bias=1.0)
+    expected = engine.generate(samples, params, sparsity=adaptive)
+    runner, loaded = engine.runner, list(engine.runner.adapter.layers)
+    torch._dynamo.reset()
+    runner.prefill_layers = loaded[:2] + compiled_layers(loaded[2:], backend=failing_backend)  # after layer 1's pruning
+    try:
+        with caplog.at_level(logging.WARNING, logger="sparsevlm.model_runner"):
+            results = engine.generate(samples, params, sparsity=adaptive)
+        assert runner.prefill_layers == loaded
+    finally:
+        runner.prefill_layers = loaded
+    assert "failed on a prefill pack" in caplog.text
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert [r.stats.kept_per_pruning_layer for r in results] == [r.stats.kept_per_pruning_layer for r in expected]
+    assert [r.stats.kept_visual_positions for r in results] == [r.stats.kept_visual_positions for r in expected]
