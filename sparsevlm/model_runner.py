@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .adapters import ModelAdapter
+from .adapters.base import compiler_failure
 from .attention import AttentionBackend, DecodeMeta, ForwardContext, PrefillMeta, route_text_attention
 from .config import EngineConfig, SparsityConfig
 from .decode_graphs import DecodeGraphs, DecodeInputs
@@ -152,7 +153,7 @@ class ModelRunner:
             if self.prefill_layers == loaded:
                 raise
             logger.warning("the compiled decoder layers failed on a prefill pack (%s); prefill runs the layers "
-                           "as loaded from now on", str(error).splitlines()[0] if str(error) else type(error).__name__)
+                           "as loaded from now on", compiler_failure(error))
             self.prefill_layers = loaded
             for seq, plan in zip(pack, plans):
                 seq.plan = plan

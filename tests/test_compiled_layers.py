@@ -81,10 +81,11 @@ def test_compiled_vision_tower_equals_the_model_s_own(tiny_checkpoints, family):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled blocks ran
 
 
-def test_a_tower_that_fails_to_compile_runs_the_model_s_own(tiny_checkpoints, caplog):
-    def broken_backend(graph_module, example_inputs):
-        raise RuntimeError("this backend compiles nothing")
+def broken_backend(graph_module, example_inputs):
+    raise RuntimeError("this backend compiles nothing")
 
+
+def test_a_tower_that_fails_to_compile_runs_the_model_s_own(tiny_checkpoints, caplog):
     engine = VLMEngine.from_pretrained(tiny_checkpoints["llava"], dtype=torch.float32, device="cpu")
     samples = mixed_samples(engine.processor, seed=5)[:3]
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
@@ -100,9 +101,6 @@ def test_a_compiler_failure_in_prefill_falls_back_to_the_layers_as_loaded(engine
     """The compiled layers fail to compile mid-pack, after a rank-adaptive pruning layer replanned the
     samples: the pack runs again through the layers as loaded, from its original plans, and gives
     what an uncompiled engine gives; later packs stay on the loaded layers."""
-    def failing_backend(graph, example_inputs):
-        raise RuntimeError("a backend failure made by the test")
-
     samples = mixed_samples(engine.processor, seed=9)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     adaptive = SparsityConfig(method="sparsevlm", schedule={1: 0.8, 2: 0.5}, rank_adaptive=True, rank_scale=1.0,
@@ -110,7 +108,7 @@ def test_a_compiler_failure_in_prefill_falls_back_to_the_layers_as_loaded(engine
     expected = engine.generate(samples, params, sparsity=adaptive)
     runner, loaded = engine.runner, list(engine.runner.adapter.layers)
     torch._dynamo.reset()
-    runner.prefill_layers = loaded[:2] + compiled_layers(loaded[2:], backend=failing_backend)  # after layer 1's pruning
+    runner.prefill_layers = loaded[:2] + compiled_layers(loaded[2:], backend=broken_backend)  # after layer 1's pruning
     try:
         with caplog.at_level(logging.WARNING, logger="sparsevlm.model_runner"):
             results = engine.generate(samples, params, sparsity=adaptive)

@@ -249,7 +249,7 @@ class ModelAdapter:
                 return call()
         except torch._dynamo.exc.TorchDynamoException as error:
             logger.warning("the engine's vision-tower modules failed to compile (%s); running the model's own",
-                           str(error).splitlines()[0] if str(error) else type(error).__name__)
+                           compiler_failure(error))
             self._tower_swaps = {}
             return call()
 
@@ -309,6 +309,11 @@ def encoder_mlp_norm_feeds(layers: torch.nn.ModuleList) -> list[NormFeed]:
     """CLIP's and SigLIP's encoder layers: `h + mlp(layer_norm2(h))`, the MLP reading its input only
     through fc1. (`layer_norm1` feeds three projections, q, k and v: not one reader, not fused.)"""
     return [NormFeed(layer, "layer_norm2", layer.mlp, "fc1") for layer in layers]
+
+
+def compiler_failure(error: Exception) -> str:
+    """A torch.compile failure in one line, for the log line that says what the engine gave up."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def compiled_blocks(blocks: torch.nn.ModuleList, backend: str = "inductor") -> torch.nn.ModuleList:
