@@ -73,11 +73,14 @@ def _table(rows: list[dict]) -> list[str]:
 
 def _as_run_now(report: dict) -> str:
     """The run's command as it is given today (benchmarks became a package: python -m; compiled prefill
-    became the default, so a run without it says --no-compile-prefill)."""
+    and decode steps queued ahead became defaults, so a run without them says --no-compile-prefill,
+    --no-decode-ahead)."""
     command = report["command"].replace("/root/out/", "benchmarks/results/").replace(
         "--hf-batch-sizes  ", '--hf-batch-sizes "" ').replace(" --compile-prefill", "")
     if not report.get("compile_prefill"):  # before the flag was recorded, prefill was never compiled
         command += " --no-compile-prefill"
+    if not report.get("decode_ahead") and "--no-decode-ahead" not in command:  # unrecorded: one step at a time
+        command += " --no-decode-ahead"
     return re.sub(r"python \S*benchmarks/(\w+)\.py", r"python -m benchmarks.\1", command)  # argv[0] may be absolute
 
 

@@ -201,6 +201,7 @@ def write_report(args, device: torch.device, rows: list[dict]) -> None:
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
         "compile_decode": not args.no_compile_decode, "compile_prefill": not args.no_compile_prefill,
+        "decode_ahead": not args.no_decode_ahead,
         "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +228,8 @@ def main() -> None:
                         "layers as loaded (not torch.compile'd)")
     parser.add_argument("--no-compile-prefill", action="store_true", help="prefill packs through the "
                         "decoder layers as loaded (EngineConfig.compile_prefill off)")
+    parser.add_argument("--no-decode-ahead", action="store_true", help="one decode step at a time, each queued "
+                        "after the host read the previous one's tokens (EngineConfig.decode_ahead off)")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
@@ -253,6 +256,7 @@ def main() -> None:
                                                                         compile_vision=not args.no_compile_vision,
                                                                         compile_decode=not args.no_compile_decode,
                                                                         compile_prefill=not args.no_compile_prefill,
+                                                                        decode_ahead=not args.no_decode_ahead,
                                                                         fused_vision=not args.no_fused_vision,
                                                                         vision_fp8=vision_fp8, max_num_seqs=seats))
         for name in args.workloads.split(","):

@@ -252,6 +252,10 @@ class EngineConfig:
     compile_decode: torch.compile the decoder layers for decode steps on CUDA (fuses each
         layer's norms, rotary and activation; start-up pays the compilation, the decode graphs
         replay the result).
+    decode_ahead: queue each decode step before the host has read the previous one's tokens
+        (its inputs come from that step's output on the device; sparsevlm/decoding.py), so the GPU
+        does not wait while the host commits tokens and schedules. Costs a wasted row for a
+        sequence that stops on a stop token, and a wasted step when newcomers join the batch.
     compile_prefill: the same compiled layers for prefill packs too (the same graphs, the token
         count dynamic). In eager mode a pack's norms, rotary and SwiGLU are ~30% of its device time
         beside the GEMMs; compiled, dense `vqa-1024` runs 1.12x faster on an H100 (README).
@@ -275,6 +279,7 @@ class EngineConfig:
     compile_vision: bool = True
     compile_decode: bool = True
     compile_prefill: bool = True
+    decode_ahead: bool = True
     fused_vision: bool = True
     vision_fp8: bool = False
     graph_batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))

@@ -55,10 +55,13 @@ class DecodeGraphs:
             self._graphs[bucket] = self._capture(bucket)
         logger.info("captured decode graphs for batch buckets %s", self.buckets)
 
-    def run(self, host_block: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """`host_block` (rows, bucket) int64, pinned, padded to a bucket -> device logits (B, V)."""
+    def run(self, host_block: torch.Tensor, batch_size: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """`host_block` (rows, bucket) int64, pinned, padded to a bucket -> device logits (B, V).
+        `tokens`: the first row's B input tokens from the device instead (a step queued ahead)."""
         graph, inputs, logits = self._graphs[host_block.shape[1]]
         inputs.copy_(host_block, non_blocking=True)
+        if tokens is not None:
+            inputs[0, :batch_size].copy_(tokens)
         graph.replay()
         return logits[:batch_size]
 

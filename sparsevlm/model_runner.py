@@ -1,10 +1,10 @@
 """Runs the model for the engine: packed prefill (vision tower, pruning) and batched decode.
 
 Owns everything on the device: the attention backend, the KV pool (sized once, at start-up),
-the decode graphs (captured once) and the pinned staging of each decode step's inputs. The
-scheduler decides who runs; this module only runs them and reports each one's first or next
-token. One host sync per step: reading the chosen tokens. Timings come from CUDA events read
-after that sync, so measuring adds none.
+the decode graphs (captured once) and the decoder that queues decode steps through them, one
+ahead of the host (sparsevlm/decoding.py). The scheduler decides who runs; this module only
+runs them and reports each one's first or next token. One host sync per step: reading the
+chosen tokens. Timings come from CUDA events read after that sync, so measuring adds none.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from .adapters import ModelAdapter
@@ -20,13 +19,14 @@ from .adapters.base import compiler_failure
 from .attention import AttentionBackend, DecodeMeta, ForwardContext, PrefillMeta, route_text_attention
 from .config import EngineConfig, SparsityConfig
 from .decode_graphs import DecodeGraphs, DecodeInputs
+from .decoding import Decoder
 from .fp8 import check_fp8_device
 from .kv_cache import KVPool
 from .pruning.pack import PrunedPack
 from .pruning.schedule import budget_schedule, plan_sample, prefill_flops
 from .pruning.scoring import VisualScorer, rater_attention_ranks
 from .sampling import make_generator, select_tokens
-from .scheduler import Sequence, prompt_per_layer
+from .scheduler import Sequence
 from .stats import split_time
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,7 @@ class ModelRunner:
             logger.info("vision tower: %d linear layers in FP8 (e4m3, per-row scales)", adapter.quantize_vision())
         self.pool = KVPool(self._pool_slots(), adapter.num_kv_heads, adapter.head_dim, self.dtype, self.device)
         self.decode_inputs = DecodeInputs(adapter.num_layers)
-        self._members: tuple[int, ...] = ()  # request ids of the last decode batch, and its static columns
-        self._static: tuple[np.ndarray, np.ndarray] | None = None
-        self._pinned: dict[int, torch.Tensor] = {}  # decode input blocks by width (each step syncs before reuse)
+        self.decoder = Decoder(self, ahead=config.decode_ahead)
         compiled = compiled_layers(adapter.layers) if self.device.type == "cuda" and (
             config.compile_decode or config.compile_prefill) else None
         self.decode_layers = compiled if compiled and config.compile_decode else list(adapter.layers)
@@ -254,50 +252,14 @@ class ModelRunner:
     # -- decode --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, batch: list[Sequence]) -> list[int]:
-        """One new token for every sequence of `batch` (each has its last token committed)."""
+        """One new token for every sequence of `batch` (each has its last token committed); with
+        `decode_ahead`, the next step of the same rows is queued before this returns."""
         started = time.perf_counter()
-        block = self._decode_block(batch)
-        if self.graphs is not None and self.graphs.fits(len(batch)):
-            logits = self.graphs.run(block, len(batch))
-        else:
-            logits = self.decode_logits(*self.decode_inputs.views(self._to_device(block)))
-        tokens = select_tokens(logits.float(), [s.params for s in batch], [s.generator for s in batch]).tolist()
-        step_ms = 1e3 * (time.perf_counter() - started)  # .tolist() synchronised the device
+        tokens = self.decoder.decode(batch)
+        step_ms = 1e3 * (time.perf_counter() - started)  # the tokens were read back: the device is done with them
         for seq in batch:
             seq.stats.decode_ms += step_ms / len(batch)
         return tokens
-
-    def _decode_block(self, batch: list[Sequence]) -> torch.Tensor:
-        """The step's (2 + 3L, B or its bucket) int64 inputs on the host (pinned on CUDA)."""
-        members = tuple(seq.request_id for seq in batch)
-        layers = self.adapter.num_layers
-        if members != self._members:  # first slots and prompt lengths change only with membership
-            starts = np.array([seq.block.layer_starts for seq in batch], dtype=np.int64).T  # L, B
-            prompts = np.array([prompt_per_layer(seq.sample, seq.plan) for seq in batch], dtype=np.int64).T
-            self._members, self._static = members, (starts, prompts)
-        starts, prompts = self._static
-        width = self.graphs.bucket(len(batch)) if self.graphs is not None and self.graphs.fits(len(batch)) \
-            else len(batch)
-        tensor = self._host_block(width)
-        block = tensor.numpy()
-        if width > len(batch):
-            block[:, len(batch):] = np.asarray(self.decode_inputs.padding(self.pool.spare_slot))[:, None]
-        generated = np.fromiter((len(seq.tokens) for seq in batch), dtype=np.int64, count=len(batch))
-        lengths = prompts + generated[None, :]  # the new token included
-        n = len(batch)
-        block[0, :n] = [seq.tokens[-1] for seq in batch]
-        block[1, :n] = [seq.sample.next_position + len(seq.tokens) - 1 for seq in batch]
-        block[2:2 + layers, :n] = starts + lengths - 1
-        block[2 + layers:2 + 2 * layers, :n] = starts
-        block[2 + 2 * layers:, :n] = lengths
-        return tensor
-
-    def _host_block(self, width: int) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return torch.empty((self.decode_inputs.num_rows, width), dtype=torch.long)
-        if width not in self._pinned:
-            self._pinned[width] = torch.empty((self.decode_inputs.num_rows, width), dtype=torch.long).pin_memory()
-        return self._pinned[width]
 
     def decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                       starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

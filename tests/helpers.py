@@ -47,3 +47,40 @@ def mixed_samples(processor, seed: int = 0) -> list[dict]:
                   videos=[[img(90, 120) for _ in range(5)]]),
         processor(text=[chat(processor, text="yes")]),
     ]
+
+
+def mixed_requests(engine, seed: int) -> tuple[list[dict], list]:
+    """`mixed_samples` with mixed SamplingParams: greedy, seeded sampling, and stop tokens (taken
+    from a greedy run) that end some answers early."""
+    from sparsevlm import EngineConfig, SamplingParams, VLMEngine
+
+    samples = mixed_samples(engine.processor, seed=seed)
+    plain = VLMEngine(engine.model, engine.processor, engine_config=EngineConfig(decode_ahead=False))
+    greedy = plain.generate(samples, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    params = []
+    for i, result in enumerate(greedy):
+        if i % 3 == 0:  # stops on its own third token
+            params.append(SamplingParams(max_new_tokens=10, stop_token_ids=(result.token_ids[2],)))
+        elif i % 3 == 1:
+            params.append(SamplingParams(max_new_tokens=4 + i, temperature=1.2, top_k=40, seed=7 + i))
+        else:
+            params.append(SamplingParams(max_new_tokens=3 + i, ignore_eos=True))
+    return samples, params
+
+
+def streamed(engine, samples: list[dict], params: list) -> list[list[int]]:
+    """Token ids per sample through `engine.step()`: half the requests first, the rest joining
+    after three steps, while the first half decodes."""
+    ids, tokens, steps = {}, {}, 0
+    half = len(samples) // 2
+    for i in range(half):
+        ids[engine.add_request(samples[i], params[i])] = i
+    while engine.has_unfinished() or len(ids) < len(samples):
+        steps += 1
+        if steps == 4:
+            for i in range(half, len(samples)):
+                ids[engine.add_request(samples[i], params[i])] = i
+        for request_id, result in engine.step():
+            assert result.error is None, result.error
+            tokens[ids[request_id]] = result.token_ids
+    return [tokens[i] for i in range(len(samples))]

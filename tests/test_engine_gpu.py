@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import mixed_samples
+from helpers import mixed_requests, mixed_samples, streamed
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
 
 pytestmark = pytest.mark.gpu
@@ -30,6 +30,17 @@ def test_cuda_graphs_equal_eager(gpu_engine):
                       engine_config=EngineConfig(cuda_graphs=False, **UNCOMPILED))
     with_graphs = [r.token_ids for r in graphs.generate(samples, params)]
     assert with_graphs == [r.token_ids for r in eager.generate(samples, params)]
+
+
+def test_decode_steps_queued_ahead_equal_one_at_a_time(gpu_engine):
+    """Through the graphs, the next step's tokens taken from the device: stops, seeded sampling and
+    newcomers (a dropped queued step) change nothing."""
+    samples, params = mixed_requests(gpu_engine, seed=8)
+    ahead = VLMEngine(gpu_engine.model, gpu_engine.processor, engine_config=EngineConfig(**UNCOMPILED))
+    plain = VLMEngine(gpu_engine.model, gpu_engine.processor,
+                      engine_config=EngineConfig(decode_ahead=False, **UNCOMPILED))
+    assert streamed(ahead, samples, params) == streamed(plain, samples, params)
+    assert ahead.runner.pool.num_free == ahead.runner.pool.capacity
 
 
 def test_first_token_equals_generate(gpu_engine):
