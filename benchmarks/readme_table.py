@@ -20,7 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "benchmarks" / "results" / "h200_throughput_vllm.json"
 FP8_SOURCES = tuple(REPO / "benchmarks" / "results" / name for name in (
-    "h100_throughput_fp8_compiled_prefill_vllm_vqa_video.json",  # the defaults today (compiled prefill)
+    "h100_throughput_decode_ahead_vllm_caption.json",  # the defaults today (decode steps queued ahead)
+    "h100_throughput_fp8_compiled_prefill_vllm_vqa_video.json",  # compiled prefill, decode one step at a time
     "h100_throughput_fp8_native_casts_vllm.json",  # bf16 and FP8 in one call (its vLLM part cut off)
     "h100_throughput_fp8_native_casts_vllm_vqa_video.json",  # FP8 beside vLLM dense
     "h100_throughput_fp8_native_casts_vllm_caption.json"))
