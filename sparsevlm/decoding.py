@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .config import SamplingParams
+from .pruning.ragged import to_device
 from .sampling import select_tokens
 from .scheduler import Sequence, prompt_per_layer
 
@@ -117,7 +118,7 @@ class Decoder:
         if runner.graphs is not None and runner.graphs.fits(len(rows)):
             logits = runner.graphs.run(block, len(rows), previous)
         else:
-            device_block = runner._to_device(block)
+            device_block = to_device(block, runner.device)
             if previous is not None:
                 device_block[0, :len(rows)].copy_(previous)
             logits = runner.decode_logits(*runner.decode_inputs.views(device_block))

@@ -23,6 +23,7 @@ from .decoding import Decoder
 from .fp8 import check_fp8_device
 from .kv_cache import KVPool
 from .pruning.pack import PrunedPack
+from .pruning.ragged import to_device
 from .pruning.schedule import budget_schedule, plan_sample, prefill_flops
 from .pruning.scoring import VisualScorer, rater_attention_ranks
 from .sampling import make_generator, select_tokens
@@ -167,9 +168,10 @@ class ModelRunner:
         self._check_feature_rows(samples, features)
         vision_done = self.clock.mark()
         stream = PrunedPack(samples, [seq.plan for seq in pack], self.device)
-        input_ids = self._to_device(torch.cat([s.input_ids for s in samples]))
-        positions = self._to_device(torch.cat([s.positions for s in samples], dim=1))
-        layer_starts = self._to_device(torch.tensor([seq.block.layer_starts for seq in pack], dtype=torch.long).T)
+        input_ids = to_device(torch.cat([s.input_ids for s in samples]), self.device)
+        positions = to_device(torch.cat([s.positions for s in samples], dim=1), self.device)
+        layer_starts = torch.tensor([seq.block.layer_starts for seq in pack], dtype=torch.long).T
+        layer_starts = to_device(layer_starts, self.device)
         hidden = self.adapter.embed(input_ids, features)  # T, H
         residuals = self.adapter.visual_residuals(input_ids, features)
         scorer, sparse_spans = None, []
@@ -256,7 +258,7 @@ class ModelRunner:
         `decode_ahead`, the next step of the same rows is queued before this returns."""
         started = time.perf_counter()
         tokens = self.decoder.decode(batch)
-        step_ms = 1e3 * (time.perf_counter() - started)  # the tokens were read back: the device is done with them
+        step_ms = 1e3 * (time.perf_counter() - started)  # reading the tokens back synchronised
         for seq in batch:
             seq.stats.decode_ms += step_ms / len(batch)
         return tokens
@@ -278,7 +280,3 @@ class ModelRunner:
         return layer(hidden, attention_mask=None, position_ids=None, use_cache=False,
                      position_embeddings=rotary, sparsevlm_ctx=ctx)
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
