@@ -37,10 +37,10 @@ class StepClock:
         self._prefilled = {"calls": False, "replays": False}
         decode, prefill, replay = runner.decode, runner.prefill, runner.graphs.run
 
-        def timed_decode(batch):
+        def timed_decode(batch, *args):
             self.calls.append((time.perf_counter(), self._prefilled["calls"]))
             self._prefilled["calls"] = False
-            return decode(batch)
+            return decode(batch, *args)
 
         def timed_prefill(pack):
             self._prefilled.update(calls=True, replays=True)

@@ -254,8 +254,9 @@ class EngineConfig:
         replay the result).
     decode_ahead: queue each decode step before the host has read the previous one's tokens
         (its inputs come from that step's output on the device; sparsevlm/decoding.py), so the GPU
-        does not wait while the host commits tokens and schedules. Costs a wasted row for a
-        sequence that stops on a stop token, and a wasted step when newcomers join the batch.
+        does not wait while the host commits tokens and schedules. Nothing is queued when the
+        scheduler expects newcomers next; a sequence that stops on a stop token costs a wasted
+        row, and newcomers let in by such a stop a wasted step.
     compile_prefill: the same compiled layers for prefill packs too (the same graphs, the token
         count dynamic). In eager mode a pack's norms, rotary and SwiGLU are ~30% of its device time
         beside the GEMMs; compiled, dense `vqa-1024` runs 1.12x faster on an H100 (README).

@@ -12,9 +12,11 @@ A queued step serves the next call if every sequence of that call's batch is one
 with the tokens it assumed: the usual case, since sequences only leave a running batch. A
 sequence that will reach `max_new_tokens` with the step before is known in advance and gets a
 padding row; one that stops on a stop token has a row computed for nothing (its stop is read
-after the next step was queued). A queued step that does not serve (newcomers joined after a
-prefill pack; an out-of-memory retry) is dropped: its cache writes are those a re-run writes
-again, and the generators of its sampled rows are set back, so no answer depends on it.
+after the next step was queued). Nothing is queued when the scheduler expects to admit
+newcomers next (`Scheduler.keeps_decoding`): a step queued then would not serve. One that does
+not serve all the same (a stop freed the seats; an out-of-memory retry) is dropped: it still
+runs on the GPU, but its cache writes are those a re-run writes again, and the generators of
+its sampled rows are set back, so no answer depends on it.
 
 Everything runs on one stream: a queued step's cache writes land before anything launched
 after it, a prefill into a block freed meanwhile included, and it reads the captured graph's
@@ -78,8 +80,10 @@ class Decoder:
         self._queued: DecodeStep | None = None
         self._columns: tuple[tuple, tuple[np.ndarray, np.ndarray] | None] = ((), None)  # live ids -> static columns
 
-    def decode(self, batch: list[Sequence]) -> list[int]:
-        """The next token of every sequence of `batch` (each has its last token committed)."""
+    def decode(self, batch: list[Sequence], queue_next: bool = True) -> list[int]:
+        """The next token of every sequence of `batch` (each has its last token committed).
+        `queue_next`: the caller expects the next step to decode these sequences again (no
+        newcomers in between): only then is a step queued ahead."""
         step, self._queued = self._queued, None
         rows = None if step is None else step.rows_of(batch)
         if rows is None:
@@ -89,7 +93,7 @@ class Decoder:
             rows = list(range(len(batch)))
         queued = [step]
         try:
-            if self.ahead:
+            if self.ahead and queue_next:
                 queued.append(self._launch_after(step, batch))
             tokens = step.result()
         except BaseException:
@@ -97,7 +101,7 @@ class Decoder:
                 if unused is not None:
                     unused.drop()
             raise
-        self._queued = queued[-1] if self.ahead else None
+        self._queued = queued[-1] if len(queued) > 1 else None
         return [tokens[row] for row in rows]
 
     def _launch_after(self, step: DecodeStep, batch: list[Sequence]) -> DecodeStep | None:
@@ -114,7 +118,7 @@ class Decoder:
                 previous: torch.Tensor | None) -> DecodeStep:
         """Queue one step; `previous`: the device tokens it takes as input (else each row's last)."""
         runner = self.runner
-        block = self._input_block(rows, committed, previous is None)
+        block = self.input_block(rows, committed, previous is None)
         if runner.graphs is not None and runner.graphs.fits(len(rows)):
             logits = runner.graphs.run(block, len(rows), previous)
         else:
@@ -134,7 +138,7 @@ class Decoder:
             step.copied.record()
         return step
 
-    def _input_block(self, rows: tuple[Sequence | None, ...], committed: tuple[int, ...],
+    def input_block(self, rows: tuple[Sequence | None, ...], committed: tuple[int, ...],
                      with_tokens: bool) -> torch.Tensor:
         """The step's (2 + 3L, width) int64 inputs on the host, pinned on CUDA; `width` is the
         graphs' bucket for the rows. Fresh each step: the caching host allocator reuses a pinned

@@ -146,8 +146,10 @@ class VLMEngine:
                                    "EngineConfig.max_cache_tokens / cache_memory_fraction")
             return [self._result(seq)]
         try:
-            run = self.runner.prefill if step.kind == "prefill" else self.runner.decode
-            tokens = run(step.sequences)
+            if step.kind == "prefill":
+                tokens = self.runner.prefill(step.sequences)
+            else:
+                tokens = self.runner.decode(step.sequences, self.scheduler.keeps_decoding(step.sequences))
         except torch.OutOfMemoryError as error:
             return self._on_out_of_memory(step, error)
         except Exception as error:

@@ -253,11 +253,12 @@ class ModelRunner:
 
     # -- decode --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, batch: list[Sequence]) -> list[int]:
+    def decode(self, batch: list[Sequence], queue_next: bool = True) -> list[int]:
         """One new token for every sequence of `batch` (each has its last token committed); with
-        `decode_ahead`, the next step of the same rows is queued before this returns."""
+        `decode_ahead` and `queue_next` (no newcomers expected before the next decode step), the
+        next step of the same rows is queued before this returns."""
         started = time.perf_counter()
-        tokens = self.decoder.decode(batch)
+        tokens = self.decoder.decode(batch, queue_next)
         step_ms = 1e3 * (time.perf_counter() - started)  # reading the tokens back synchronised
         for seq in batch:
             seq.stats.decode_ms += step_ms / len(batch)

@@ -98,14 +98,26 @@ class Scheduler:
             if sum(head.layer_capacities) > self.pool.capacity:
                 self.waiting.popleft()
                 return ScheduledStep("reject", [head])
-            free_seats = self.max_num_seqs - len(self.running)
-            worth_a_pack = min(len(self.waiting), max(1, self.max_num_seqs // 4))
-            admitted = self._admit() if not self.running or free_seats >= worth_a_pack else []
+            admitted = self._admit() if self._seats_for_a_pack(len(self.running)) else []
             if admitted:
                 return ScheduledStep("prefill", admitted)
         if self.running:
             return ScheduledStep("decode", list(self.running))
         return None
+
+    def _seats_for_a_pack(self, running: int) -> bool:
+        """Whether newcomers are let in beside `running` sequences (if the KV pool has room)."""
+        worth_a_pack = min(len(self.waiting), max(1, self.max_num_seqs // 4))
+        return not running or self.max_num_seqs - running >= worth_a_pack
+
+    def keeps_decoding(self, batch: list[Sequence]) -> bool:
+        """Whether the step after this decode step of `batch` will likely decode the same sequences
+        (no pack admitted in between), counting those that reach max_new_tokens with it as gone.
+        A stop token can still free the seats: the prediction only saves a queued step's waste."""
+        if not self.waiting:
+            return True
+        leaving = sum(len(seq.tokens) + 1 >= seq.params.max_new_tokens for seq in batch)
+        return not self._seats_for_a_pack(len(self.running) - leaving)
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []

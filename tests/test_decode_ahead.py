@@ -78,11 +78,28 @@ def test_an_out_of_memory_retry_drops_the_queued_step(engine):
     ahead = VLMEngine(engine.model, engine.processor)
     decode, calls = ahead.runner.decode, []
 
-    def failing_third_call(batch):
+    def failing_third_call(batch, *args):
         calls.append(len(batch))
         if len(calls) == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return decode(batch)
+        return decode(batch, *args)
     ahead.runner.decode = failing_third_call
     assert [r.token_ids for r in ahead.generate(samples, params)] == reference
     assert len(calls) > 8  # the retried half decoded again
+
+
+def test_no_step_is_queued_when_the_scheduler_will_admit_newcomers(engine, monkeypatch):
+    """Four seats for eight requests that end by length: seats free up at steps the scheduler
+    can foresee, so no queued step is ever thrown away, and answers are one step at a time's."""
+    samples = mixed_samples(engine.processor, seed=5)
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (6, 3, 8, 2, 5, 7, 4, 6)]
+    config = dict(max_num_seqs=4)
+    plain = VLMEngine(engine.model, engine.processor, engine_config=EngineConfig(decode_ahead=False, **config))
+    reference = [r.token_ids for r in plain.generate(samples, params)]
+    ahead = VLMEngine(engine.model, engine.processor, engine_config=EngineConfig(**config))
+    counts = counted_launches(ahead)
+    dropped = []
+    drop = DecodeStep.drop
+    monkeypatch.setattr(DecodeStep, "drop", lambda step: (dropped.append(step), drop(step))[1])
+    assert [r.token_ids for r in ahead.generate(samples, params)] == reference
+    assert not dropped and counts["ahead"] > 0

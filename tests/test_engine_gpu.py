@@ -81,7 +81,8 @@ def test_compiled_decode_step_matches_eager_layers(gpu_engine):
         engine.add_request(sample, SamplingParams(max_new_tokens=4, ignore_eos=True))
     engine.step()  # the prefill pack: everybody has a first token and a cache
     runner, batch = engine.runner, list(engine.scheduler.running)
-    inputs = runner.decode_inputs.views(runner._to_device(runner._decode_block(batch)))
+    block = runner.decoder.input_block(tuple(batch), tuple(len(seq.tokens) for seq in batch), True)
+    inputs = runner.decode_inputs.views(block.to("cuda"))
     with torch.inference_mode():
         eager = runner.decode_logits(*inputs).float()
         runner.decode_layers = compiled_layers(runner.adapter.layers)

@@ -30,11 +30,11 @@ def _failing(run, times: int, error, when=lambda sequences: True):
     """`run`, raising `error` the first `times` calls that `when` accepts."""
     calls = {"failed": 0}
 
-    def wrapped(sequences):
+    def wrapped(sequences, *args):
         if calls["failed"] < times and when(sequences):
             calls["failed"] += 1
             raise error
-        return run(sequences)
+        return run(sequences, *args)
     wrapped.calls = calls
     return wrapped
 
