@@ -3,7 +3,7 @@
     python -m benchmarks.decode_steps --model qwen2_5_vl_7b --workload caption-1024 --num-samples 64 \
         --vision-fp8 --json benchmarks/results/h100_decode_steps.json                     # GPU
 
-For each method, with decode steps queued one ahead (`EngineConfig.decode_ahead`, the default)
+For each method, with decode steps queued one ahead (`EngineConfig.decode_ahead`, the CUDA default)
 and one at a time: a warm-up `generate`, then a timed one. It records the wall time of each
 decode call and CUDA events around each replay of a captured decode graph (its input copy
 included): the device's time per step for the model, and its idle time from one replay's end

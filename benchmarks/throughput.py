@@ -256,7 +256,7 @@ def main() -> None:
                                                                         compile_vision=not args.no_compile_vision,
                                                                         compile_decode=not args.no_compile_decode,
                                                                         compile_prefill=not args.no_compile_prefill,
-                                                                        decode_ahead=not args.no_decode_ahead,
+                                                                        decode_ahead=False if args.no_decode_ahead else None,
                                                                         fused_vision=not args.no_fused_vision,
                                                                         vision_fp8=vision_fp8, max_num_seqs=seats))
         for name in args.workloads.split(","):

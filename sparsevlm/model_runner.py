@@ -81,7 +81,8 @@ class ModelRunner:
             logger.info("vision tower: %d linear layers in FP8 (e4m3, per-row scales)", adapter.quantize_vision())
         self.pool = KVPool(self._pool_slots(), adapter.num_kv_heads, adapter.head_dim, self.dtype, self.device)
         self.decode_inputs = DecodeInputs(adapter.num_layers)
-        self.decoder = Decoder(self, ahead=config.decode_ahead)
+        ahead = config.decode_ahead if config.decode_ahead is not None else self.device.type == "cuda"
+        self.decoder = Decoder(self, ahead=ahead)
         compiled = compiled_layers(adapter.layers) if self.device.type == "cuda" and (
             config.compile_decode or config.compile_prefill) else None
         self.decode_layers = compiled if compiled and config.compile_decode else list(adapter.layers)

@@ -1,4 +1,5 @@
-"""Decode steps queued one ahead (sparsevlm/decoding.py) against one step at a time (CPU, fp32).
+"""Decode steps queued one ahead (sparsevlm/decoding.py) against one step at a time (CPU, fp32:
+the default there is one at a time, so these ask for it).
 
 The queued step must serve the next call when the batch only shrank, be dropped when newcomers
 joined, and change no answer either way: stop tokens, seeded sampling and newcomers included.
@@ -13,6 +14,8 @@ from helpers import mixed_requests, mixed_samples, streamed
 from sparsevlm import EngineConfig, SamplingParams, VLMEngine
 from sparsevlm.decoding import DecodeStep
 
+AHEAD = EngineConfig(decode_ahead=True)  # on the CPU it is off unless asked for
+
 
 def counted_launches(engine: VLMEngine) -> dict:
     """Wraps the engine's decoder to count fresh and queued-ahead launches."""
@@ -26,10 +29,15 @@ def counted_launches(engine: VLMEngine) -> dict:
     return counts
 
 
+def test_the_cpu_decodes_one_step_at_a_time_unless_asked(engine):
+    assert not VLMEngine(engine.model, engine.processor).runner.decoder.ahead
+    assert VLMEngine(engine.model, engine.processor, engine_config=AHEAD).runner.decoder.ahead
+
+
 def test_a_batch_that_only_shrinks_runs_each_step_once(engine):
     samples = mixed_samples(engine.processor)
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 9, 7, 12, 3, 1, 8, 6)]
-    ahead = VLMEngine(engine.model, engine.processor)
+    ahead = VLMEngine(engine.model, engine.processor, engine_config=AHEAD)
     counts = counted_launches(ahead)
     results = ahead.generate(samples, params)
     assert [len(r.token_ids) for r in results] == [p.max_new_tokens for p in params]
@@ -49,7 +57,7 @@ def streamed_plain(engine):
 def test_queued_steps_change_no_answer(engine, streamed_plain, monkeypatch):
     samples, params, reference = streamed_plain
     assert any(len(t) < p.max_new_tokens for t, p in zip(reference, params))  # some stopped early
-    ahead = VLMEngine(engine.model, engine.processor)
+    ahead = VLMEngine(engine.model, engine.processor, engine_config=AHEAD)
     counts = counted_launches(ahead)
     dropped = []
     drop = DecodeStep.drop
@@ -62,7 +70,7 @@ def test_queued_steps_change_no_answer(engine, streamed_plain, monkeypatch):
 def test_a_dropped_step_sets_sampling_generators_back(engine, streamed_plain):
     """Sampled rows of a dropped step drew from their generators: a re-run must draw the same."""
     samples, params, reference = streamed_plain
-    ahead = VLMEngine(engine.model, engine.processor)
+    ahead = VLMEngine(engine.model, engine.processor, engine_config=AHEAD)
     first = streamed(ahead, samples, params)
     assert first == reference
     assert streamed(ahead, samples, params) == reference  # again, after a step left queued at the end
@@ -75,7 +83,7 @@ def test_an_out_of_memory_retry_drops_the_queued_step(engine):
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     plain = VLMEngine(engine.model, engine.processor, engine_config=EngineConfig(decode_ahead=False))
     reference = [r.token_ids for r in plain.generate(samples, params)]
-    ahead = VLMEngine(engine.model, engine.processor)
+    ahead = VLMEngine(engine.model, engine.processor, engine_config=AHEAD)
     decode, calls = ahead.runner.decode, []
 
     def failing_third_call(batch, *args):
@@ -96,7 +104,7 @@ def test_no_step_is_queued_when_the_scheduler_will_admit_newcomers(engine, monke
     config = dict(max_num_seqs=4)
     plain = VLMEngine(engine.model, engine.processor, engine_config=EngineConfig(decode_ahead=False, **config))
     reference = [r.token_ids for r in plain.generate(samples, params)]
-    ahead = VLMEngine(engine.model, engine.processor, engine_config=EngineConfig(**config))
+    ahead = VLMEngine(engine.model, engine.processor, engine_config=EngineConfig(decode_ahead=True, **config))
     counts = counted_launches(ahead)
     dropped = []
     drop = DecodeStep.drop

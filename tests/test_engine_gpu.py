@@ -37,6 +37,7 @@ def test_decode_steps_queued_ahead_equal_one_at_a_time(gpu_engine):
     newcomers (a dropped queued step) change nothing."""
     samples, params = mixed_requests(gpu_engine, seed=8)
     ahead = VLMEngine(gpu_engine.model, gpu_engine.processor, engine_config=EngineConfig(**UNCOMPILED))
+    assert ahead.runner.decoder.ahead  # the default on CUDA
     plain = VLMEngine(gpu_engine.model, gpu_engine.processor,
                       engine_config=EngineConfig(decode_ahead=False, **UNCOMPILED))
     assert streamed(ahead, samples, params) == streamed(plain, samples, params)
