@@ -108,7 +108,7 @@ class Decoder:
         """The step after `step`, for its rows of `batch` that will not have reached max_new_tokens
         (the others, gone from the batch or done with this token, become padding rows)."""
         running = {id(seq) for seq in batch}
-        rows = tuple(seq if id(seq) in running and done + 1 < seq.params.max_new_tokens else None
+        rows = tuple(seq if id(seq) in running and not seq.last_by_length(done) else None
                      for seq, done in zip(step.rows, step.committed))
         if not any(rows):
             return None

@@ -52,6 +52,10 @@ class Sequence:
         """Cache slots at each layer: what the layer sees of the prompt, plus the new tokens."""
         return prompt_per_layer(self.sample, self.plan, self.params.max_new_tokens)
 
+    def last_by_length(self, committed: int) -> bool:
+        """Whether the token after `committed` ones is its last by `max_new_tokens`."""
+        return committed + 1 >= self.params.max_new_tokens
+
     def commit(self, token: int) -> None:
         self.tokens.append(token)
         self.stats.n_generated_tokens = len(self.tokens)
@@ -116,7 +120,7 @@ class Scheduler:
         A stop token can still free the seats: the prediction only saves a queued step's waste."""
         if not self.waiting:
             return True
-        leaving = sum(len(seq.tokens) + 1 >= seq.params.max_new_tokens for seq in batch)
+        leaving = sum(seq.last_by_length(len(seq.tokens)) for seq in batch)
         return not self._seats_for_a_pack(len(self.running) - leaving)
 
     def _admit(self) -> list[Sequence]:
