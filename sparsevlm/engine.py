@@ -111,9 +111,8 @@ class VLMEngine:
 
     # -- streaming API -------------------------------------------------------------------------------
     def prepare(self, sample: dict, index: int = 0) -> PreparedSample:
-        """Validate one processor output and do its host-side work (checks, positions; `add_request`
-        has its pixels pinned and uploaded on the adapter's upload threads). Touches no engine state:
-        callers may run it on their own threads."""
+        """Validate one processor output and do its host-side work (positions, pinned pixels).
+        Touches no engine state: callers may run it on their own threads."""
         return self.adapter.prepare(sample, index)
 
     def add_request(self, sample: dict | PreparedSample, params: SamplingParams | None = None,

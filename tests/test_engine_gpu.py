@@ -129,35 +129,3 @@ def test_compiled_prefill_matches_eager_layers(gpu_engine, monkeypatch):
     assert [len(k) for k in kept_compiled] == [len(k) for k in kept_eager]
     shared = sum(len(set(a) & set(b)) for a, b in zip(kept_eager, kept_compiled))
     assert shared >= 0.9 * sum(len(k) for k in kept_eager)
-
-
-def test_uploads_pin_off_the_callers_thread_and_copy_exactly(gpu_engine):
-    """`add_request` leaves the pixels as given (pageable) and returns; the upload threads pin and
-    copy them, and what reaches the device is the host's pixels bit for bit."""
-    import threading
-
-    adapter = gpu_engine.adapter
-    prepared = [gpu_engine.prepare(sample, i) for i, sample in enumerate(mixed_samples(gpu_engine.processor, seed=9))]
-    pinned_on = []
-    pin_memory = torch.Tensor.pin_memory
-
-    def recording_pin(tensor, *args, **kwargs):
-        pinned_on.append(threading.current_thread().name)
-        return pin_memory(tensor, *args, **kwargs)
-
-    torch.Tensor.pin_memory = recording_pin
-    try:
-        for sample in prepared:
-            adapter.start_upload(sample)
-        adapter.wait_for_uploads(prepared)
-    finally:
-        torch.Tensor.pin_memory = pin_memory
-    torch.cuda.synchronize()
-    assert pinned_on and all(name.startswith("sparsevlm-upload") for name in pinned_on)
-    for sample in prepared:
-        for key, device_value in sample.on_device.items():
-            host_value = sample.visual_inputs[key]
-            pairs = zip(host_value, device_value) if isinstance(host_value, list) else [(host_value, device_value)]
-            for host, device in pairs:
-                assert not host.is_pinned() and device.is_cuda
-                assert torch.equal(device.cpu(), host)

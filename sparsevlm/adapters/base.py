@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -21,10 +20,6 @@ from ..fp8 import NormFeed, fp8_replacements, replaced_linears
 
 logger = logging.getLogger(__name__)
 
-# Threads that pin and upload pixels: a pack of 29 images at 896x896 is 0.56 GB of fp32 patches,
-# whose copy into pinned memory several threads share.
-UPLOAD_THREADS = 4
-
 
 @dataclass
 class PreparedSample:
@@ -32,13 +27,13 @@ class PreparedSample:
     input_ids: torch.Tensor  # (L,) long, host
     positions: torch.Tensor  # (P, L) long, host: the family's position ids (P = 3 for M-RoPE)
     next_position: int  # position of the first generated token
-    # pixel tensors (float patches, or lists of uint8 frames) and grids, on the host
+    # pixel tensors (float patches, or lists of uint8 frames) and grids, on the host; pinned on CUDA
     visual_inputs: dict[str, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict)
     num_visual_tokens: int = 0
     num_vision_patches: int = 0
     is_visual: torch.Tensor | None = None  # (L,) bool, host: which tokens are visual placeholders
     on_device: dict[str, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict)  # uploads in flight
-    upload_done: Future | None = None  # -> the CUDA event the uploads finish with (None on CPU)
+    upload_done: object = None  # CUDA event the uploads finish with (None on CPU)
 
     @property
     def num_tokens(self) -> int:
@@ -99,8 +94,6 @@ class ModelAdapter:
         self.model = model
         self.device = model.lm_head.weight.device
         self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._uploaders = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="sparsevlm-upload") \
-            if self._upload_stream is not None else None
         self._tower_swaps: dict[tuple[int, str], tuple[torch.nn.Module, str, torch.nn.Module]] = {}
 
     @classmethod
@@ -150,35 +143,27 @@ class ModelAdapter:
         raise NotImplementedError
 
     def start_upload(self, sample: PreparedSample) -> None:
-        """Pin the sample's pixels and copy them on a side stream, on the upload threads: the caller
-        returns at once, and a batch's later samples are pinned and copied while the GPU runs its
-        first pack (`generate` would otherwise keep the GPU idle while it pins them all up front)."""
-        if self._uploaders is not None and sample.upload_done is None:
-            sample.upload_done = self._uploaders.submit(self._upload, sample)
-
-    def _upload(self, sample: PreparedSample) -> torch.cuda.Event:
-        with torch.cuda.device(self.device), torch.cuda.stream(self._upload_stream):
+        """Copy the sample's pixels on a side stream now, so the copy overlaps whatever the GPU is running."""
+        if self._upload_stream is None or sample.upload_done is not None:
+            return
+        with torch.cuda.stream(self._upload_stream):
             for key, value in sample.visual_inputs.items():
                 if not (key.startswith("pixel_values") or key.endswith(("_frames", "_tiles"))):
                     continue  # grids, sizes: host-side metadata
                 items = value if isinstance(value, list) else [value]
-                # the host allocator keeps a pinned copy's block until the copy reading it has run
-                uploaded = [(item if item.is_pinned() else item.pin_memory()).to(self.device, non_blocking=True)
-                            for item in items]
+                uploaded = [item.to(self.device, non_blocking=True) for item in items]
                 sample.on_device[key] = uploaded if isinstance(value, list) else uploaded[0]
-            done = torch.cuda.Event()
-            done.record(self._upload_stream)
-        return done
+            sample.upload_done = torch.cuda.Event()
+            sample.upload_done.record(self._upload_stream)
 
     def wait_for_uploads(self, samples: list[PreparedSample]) -> None:
-        """The current stream waits for the samples' side-stream copies (encode_visual calls this first):
-        the host waits for their pinning, the device for their copies."""
+        """The current stream waits for the samples' side-stream copies (encode_visual calls this first)."""
         if self._upload_stream is None:
             return
         current = torch.cuda.current_stream(self.device)
         for sample in samples:
             if sample.upload_done is not None:
-                current.wait_event(sample.upload_done.result())
+                current.wait_event(sample.upload_done)
 
     def uploaded(self, sample: PreparedSample, key: str):
         """The sample's `key` pixels on the device (its upload, or a copy now), each tensor's memory

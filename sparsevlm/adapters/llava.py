@@ -85,7 +85,7 @@ class LlavaFrameProcessor(TokenizerFacade):
 
 
 class LlavaPreparer:
-    """One sample's host-side work: checks, visual mask, 1-D positions (the upload pins the pixels)."""
+    """One sample's host-side work: checks, visual mask, 1-D positions, pinned pixels."""
 
     def __init__(self, config):
         vision = config.vision_config
@@ -96,7 +96,7 @@ class LlavaPreparer:
         self.tokens_per_image = self.patches_per_image + cls_token
         self.vocab_size = config.get_text_config().vocab_size
 
-    def prepare(self, sample: dict, index: int) -> PreparedSample:
+    def prepare(self, sample: dict, index: int, pin: bool = False) -> PreparedSample:
         input_ids = checked_input_ids(sample, index, self.vocab_size)
         is_visual = input_ids == self.image_token_id
         if "image_frames" in sample:
@@ -106,7 +106,7 @@ class LlavaPreparer:
                     raise ValueError(f"sample {index}: image frames of {image.dtype} {tuple(image.shape)}; give uint8 "
                                      f"(1, {self.size}, {self.size}, 3) from this model's processor")
             n_images = len(images)
-            pixels = [image.contiguous() for image in images]
+            pixels = [image.contiguous().pin_memory() if pin else image.contiguous() for image in images]
         else:
             key, pixels = "pixel_values", sample.get("pixel_values")
             n_images = 0 if pixels is None else int(pixels.shape[0])
@@ -116,6 +116,7 @@ class LlavaPreparer:
                     raise ValueError(f"sample {index}: pixel_values of shape {tuple(pixels.shape)}, but the vision "
                                      f"tower takes (N, 3, {self.size}, {self.size}); the processor does not belong "
                                      "to this model (load both from the same checkpoint)")
+                pixels = pixels.pin_memory() if pin else pixels
         n_tokens = int(is_visual.sum())
         if n_tokens != n_images * self.tokens_per_image:
             raise ValueError(f"sample {index}: {n_tokens} <image> tokens in input_ids but {n_images} image(s) need "
@@ -176,7 +177,7 @@ class LlavaAdapter(RoPE1D, ModelAdapter):
             self._table = torch.from_numpy(processor.normalization_table()).to(self.device)
 
     def prepare(self, sample: dict, index: int) -> PreparedSample:
-        return self.preparer.prepare(sample, index)
+        return self.preparer.prepare(sample, index, pin=self.device.type == "cuda")
 
     def tower_roots(self) -> list[torch.nn.Module]:
         return [self.inner.vision_tower, self.inner.multi_modal_projector]

@@ -175,7 +175,7 @@ class OnevisionProcessor(TokenizerFacade):
 
 class OnevisionPreparer:
     """One sample's host-side work: checks (token counts by the library's arithmetic), 1-D
-    positions (the upload pins the pixels)."""
+    positions, pinned pixels."""
 
     def __init__(self, config):
         vision = config.vision_config
@@ -187,7 +187,7 @@ class OnevisionPreparer:
         self.token_ids = {"image": config.image_token_id, "video": config.video_token_id}
         self.vocab_size = config.get_text_config().vocab_size
 
-    def prepare(self, sample: dict, index: int) -> PreparedSample:
+    def prepare(self, sample: dict, index: int, pin: bool = False) -> PreparedSample:
         input_ids = checked_input_ids(sample, index, self.vocab_size)
         is_visual = (input_ids == self.token_ids["image"]) | (input_ids == self.token_ids["video"])
         visual: dict = {}
@@ -200,14 +200,14 @@ class OnevisionPreparer:
             if sum(per_sample) != len(sizes):
                 raise ValueError(f"sample {index}: batch_num_images {per_sample} does not add up to {len(sizes)} images")
             tiles = tiles_per_image(self.config.image_grid_pinpoints, self.side, sizes.tolist(), per_sample)
-            visual["image_tiles"] = self._pixels(sample, "image", tiles, index)
+            visual["image_tiles"] = self._pixels(sample, "image", tiles, index, pin)
             visual.update(image_sizes=sizes, batch_num_images=per_sample)
             expected["image"] = sum(image_token_counts(self.counter, sizes, per_sample, self.side))
             patches += sum(tiles) * self.patches_per_tile
         videos = sample.get("video_frames", sample.get("pixel_values_videos"))
         if videos is not None:
             frames = [len(v) for v in videos]
-            visual["video_frames"] = self._pixels(sample, "video", frames, index)
+            visual["video_frames"] = self._pixels(sample, "video", frames, index, pin)
             expected["video"] = sum(video_token_count(math.isqrt(self.counter.num_image_tokens), n) for n in frames)
             patches += sum(frames) * self.patches_per_tile
         for kind, count in expected.items():
@@ -222,7 +222,7 @@ class OnevisionPreparer:
                               next_position=int(positions.max()) + 1, visual_inputs=visual,
                               num_visual_tokens=int(is_visual.sum()), num_vision_patches=patches, is_visual=is_visual)
 
-    def _pixels(self, sample: dict, kind: str, counts: list[int], index: int) -> list[torch.Tensor]:
+    def _pixels(self, sample: dict, kind: str, counts: list[int], index: int, pin: bool) -> list[torch.Tensor]:
         """Per image its tiles, per video its frames: uint8 (n, S, S, 3) or float (n, 3, S, S)."""
         if f"{kind}_frames" in sample:
             items = [torch.as_tensor(f) for f in sample[f"{kind}_frames"]]
@@ -239,7 +239,7 @@ class OnevisionPreparer:
             if tuple(item.shape) != shape(n):
                 raise ValueError(f"sample {index}: {kind} pixels of shape {tuple(item.shape)}, expected {shape(n)}; "
                                  "the processor does not belong to this model (load both from the same checkpoint)")
-        return [item.contiguous() for item in items]
+        return [item.contiguous().pin_memory() if pin else item.contiguous() for item in items]
 
 
 class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
@@ -289,7 +289,7 @@ class LlavaOnevisionAdapter(RoPE1D, ModelAdapter):
                             for kind in ("image", "video")}
 
     def prepare(self, sample: dict, index: int) -> PreparedSample:
-        return self.preparer.prepare(sample, index)
+        return self.preparer.prepare(sample, index, pin=self.device.type == "cuda")
 
     def pixels(self, sample: PreparedSample, key: str) -> list[torch.Tensor]:
         """The sample's tiles (key image_tiles) or frames (video_frames) as float (n, 3, S, S) on the device."""

@@ -35,8 +35,7 @@ _VISUAL_KINDS = (  # (token type, pixel key, grid key, kind name)
 
 
 class QwenVLPreparer:
-    """One sample's host-side work: checks, token types, M-RoPE positions (the pixels stay where they
-    are: the adapter's upload pins them, off the caller's thread)."""
+    """One sample's host-side work: checks, token types, M-RoPE positions, pinned pixels."""
 
     def __init__(self, config, get_rope_index=None):
         self.config = config
@@ -60,7 +59,7 @@ class QwenVLPreparer:
 
         return cls(AutoConfig.from_pretrained(path_or_id))
 
-    def prepare(self, sample: dict, index: int) -> PreparedSample:
+    def prepare(self, sample: dict, index: int, pin: bool = False) -> PreparedSample:
         input_ids = checked_input_ids(sample, index, self.vocab_size)
         token_types = torch.zeros_like(input_ids, dtype=torch.int32)
         is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -81,10 +80,10 @@ class QwenVLPreparer:
                 continue
             grid = torch.as_tensor(grid).long().cpu().reshape(-1, 3)
             if f"{kind}_frames" in sample:
-                visual_inputs[f"{kind}_frames"] = self._check_frames(sample[f"{kind}_frames"], grid, kind, index)
+                visual_inputs[f"{kind}_frames"] = self._check_frames(sample[f"{kind}_frames"], grid, kind, index, pin)
             else:
                 visual_inputs[pixel_key] = self._check_patches(sample.get(pixel_key), grid, pixel_key, grid_key,
-                                                               index)
+                                                               index, pin)
             visual_inputs[grid_key] = grid
             num_visual_tokens += n_tokens
             num_patches += int(grid.prod(-1).sum())
@@ -115,7 +114,7 @@ class QwenVLPreparer:
             **rope_kwargs)
         return positions[:, 0]
 
-    def _check_patches(self, pixels, grid, pixel_key: str, grid_key: str, index: int) -> torch.Tensor:
+    def _check_patches(self, pixels, grid, pixel_key: str, grid_key: str, index: int, pin: bool) -> torch.Tensor:
         if pixels is None or pixels.shape[0] != int(grid.prod(-1).sum()):
             raise ValueError(f"sample {index}: {pixel_key} has {0 if pixels is None else pixels.shape[0]} "
                              f"patches but {grid_key} implies {int(grid.prod(-1).sum())}")
@@ -123,9 +122,10 @@ class QwenVLPreparer:
             raise ValueError(f"sample {index}: {pixel_key} has {pixels.shape[-1]} values per patch but the model's "
                              f"vision tower expects {self.patch_dim}; the processor does not belong to this "
                              "model (load both from the same checkpoint)")
-        return torch.as_tensor(pixels)
+        pixels = torch.as_tensor(pixels)
+        return pixels.pin_memory() if pin else pixels
 
-    def _check_frames(self, frames, grid, kind: str, index: int) -> list[torch.Tensor]:
+    def _check_frames(self, frames, grid, kind: str, index: int, pin: bool) -> list[torch.Tensor]:
         """uint8 (T, H, W, 3) per image (T = 1) or video, matching its grid row."""
         frames = [torch.as_tensor(f) for f in frames]
         if len(frames) != grid.shape[0]:
@@ -138,7 +138,7 @@ class QwenVLPreparer:
                 raise ValueError(f"sample {index}: {kind} frames of {item.dtype} {tuple(item.shape)} do not match "
                                  f"grid ({t}, {h}, {w}); give uint8 (T, {h * self.patch_size}, "
                                  f"{w * self.patch_size}, 3) resized by this model's processor")
-        return [f.contiguous() for f in frames]
+        return [f.contiguous().pin_memory() if pin else f.contiguous() for f in frames]
 
 
 class PatchEmbedAsLinear(torch.nn.Module):
@@ -228,7 +228,7 @@ class QwenVLAdapter(ModelAdapter):
                 self._pixel_configs[kind] = (cfg, table)
 
     def prepare(self, sample: dict, index: int) -> PreparedSample:
-        return self.preparer.prepare(sample, index)
+        return self.preparer.prepare(sample, index, pin=self.device.type == "cuda")
 
     def compile_vision(self, backend: str = "inductor") -> None:
         self.use_in_tower(self.visual, "blocks", compiled_blocks(self.visual.blocks, backend))
