@@ -9,6 +9,12 @@ never further. Scales agree to 2^-7 relative (one bf16 rounding inside the norm,
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -91,7 +97,8 @@ def test_quantize_rows_reads_strided_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,width,bias", [(1, 16, False), (6, 24, True), (17, 3424, True), (3, 1712, False)])
+@pytest.mark.parametrize("rows,width,bias", [(1, 16, False), (6, 24, True), (17, 3424, True), (3, 1712, False),
+                                             (5, 3420, True)])  # Qwen2.5-VL's tower: no multiple of 16
 def test_swiglu_quantize_equals_the_reference(rows, width, bias, dtype):
     gate_up = rows_case(rows, 2 * width, dtype, seed=width + rows)
     generator = torch.Generator().manual_seed(rows)
@@ -99,6 +106,43 @@ def test_swiglu_quantize_equals_the_reference(rows, width, bias, dtype):
     got = swiglu_quantize(gate_up, bias_values)
     assert got[0].shape == (rows, width)
     assert_quantized_close(got, swiglu_quantize_reference(gate_up, bias_values))
+
+
+def test_swiglu_quantize_reads_strided_rows():
+    gate_up = rows_case(5, 112, torch.bfloat16, seed=4)[:, :96]  # gate and up of 48 in rows 112 apart
+    assert_quantized_close(swiglu_quantize(gate_up), swiglu_quantize_reference(gate_up))
+
+
+# Compiles the SwiGLU kernel for Hopper and prints its global loads and stores. In a fresh interpreter:
+# the tests' TRITON_INTERPRET=1 makes every @triton.jit an interpreted function, which cannot compile.
+SWIGLU_PTX = """
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.fp8_quant import E4M3_MAX, _swiglu_quantize_kernel, launch_shape
+shape = launch_shape("swiglu_quantize", 3420)
+signature = {"GateUp": "*bf16", "Bias": "*bf16", "Values": "*fp8e4nv", "Scales": "*fp32", "n_rows": "i32",
+             **dict.fromkeys(["WIDTH", "HAS_BIAS", "E4M3_MAX", "EMULATE", "ROWS", "BLOCK"], "constexpr")}
+constants = {"WIDTH": 3420, "HAS_BIAS": True, "E4M3_MAX": E4M3_MAX, "EMULATE": False, "ROWS": shape["ROWS"],
+             "BLOCK": shape["BLOCK"]}
+aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}  # torch's allocations: 16-byte aligned
+source = ASTSource(fn=_swiglu_quantize_kernel, signature=signature, constexprs=constants, attrs=aligned)
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": shape["num_warps"]}).asm["ptx"]
+print(json.dumps({"loads": re.findall(r"ld\\.global\\S*", ptx), "stores": re.findall(r"st\\.global\\S*", ptx)}))
+"""
+
+
+def test_swiglu_kernel_loads_vectors_at_qwen2_5_vl_width():
+    """Compiled for Hopper (no GPU needed: Triton's own compiler), rows of 3420 bf16 are loaded and
+    stored in vectors. As a runtime width (no multiple of 16) every access was scalar: 64 16-bit
+    loads and 16 byte stores a thread."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", SWIGLU_PTX], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    accesses = json.loads(done.stdout.strip().splitlines()[-1])
+    assert accesses["loads"] and all(".v2." in a or ".v4." in a for a in accesses["loads"]), set(accesses["loads"])
+    assert "st.global.b8" not in accesses["stores"], set(accesses["stores"])
 
 
 def test_the_launchers_refuse_what_they_cannot_take():
