@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.workloads import WORKLOADS, load_model, make_samples
@@ -98,6 +97,8 @@ def synthetic_block(runner, batch: int, kv_length: int) -> torch.Tensor:
     bucket = runner.graphs.bucket(batch)
     block = torch.tensor(layout.padding(pool.spare_slot), dtype=torch.long)[:, None].repeat(1, bucket)
     usable = pool.capacity - kv_length
+    if usable < 1:
+        raise SystemExit(f"the KV pool ({pool.capacity} slots) cannot hold one row of {kv_length} cached tokens")
     for row in range(batch):
         block[1, row] = kv_length - 1
         for layer in range(layers):
