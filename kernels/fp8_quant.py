@@ -156,22 +156,20 @@ def _quantize_rows_kernel(X, NormWeight, NormBias, Values, Scales, n_rows, width
 
 
 @triton.jit
-def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, n_rows, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            E4M3_MAX: tl.constexpr, EMULATE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # Contiguous rows of a width known at compile time: Qwen2.5-VL's 3420 (rows of 6840) is no multiple
-    # of 16, so as a runtime int Triton could not prove any alignment and loaded one bf16 at a time
-    # (64 scalar loads a thread, for 16 vector ones now: checked in the PTX by a test).
+def _swiglu_quantize_kernel(GateUp, Bias, Values, Scales, n_rows, width, stride_g, stride_v,
+                            HAS_BIAS: tl.constexpr, E4M3_MAX: tl.constexpr, EMULATE: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    inside = (rows < n_rows)[:, None] & (cols < WIDTH)[None, :]
-    offsets = rows[:, None] * (2 * WIDTH) + cols[None, :]
+    inside = (rows < n_rows)[:, None] & (cols < width)[None, :]
+    offsets = rows[:, None] * stride_g + cols[None, :]
     gate = tl.load(GateUp + offsets, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(GateUp + offsets + WIDTH, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(GateUp + offsets + width, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        gate += tl.load(Bias + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)[None, :]
-        up += tl.load(Bias + WIDTH + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)[None, :]
+        gate += tl.load(Bias + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(Bias + width + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
     y = gate * tl.sigmoid(gate) * up  # a row past the end: gate = bias, but it is not stored
-    _store_quantized(y, rows, cols, n_rows, Values, Scales, WIDTH, WIDTH, E4M3_MAX, EMULATE)
+    _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, width, E4M3_MAX, EMULATE)
 
 
 # Launch defaults from the H100 sweep (benchmarks/results/h100_vision_kernels_quantise.json): ~4096
@@ -232,11 +230,8 @@ def quantize_rows(x: torch.Tensor, padded_width: int | None = None, norm: str = 
 
 def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None, **launch
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher; same contract as `swiglu_quantize_reference` (`launch`: see `launch_shape`).
-    The kernel is compiled once per row width (a model has one)."""
-    if gate_up.dim() != 2:
-        raise ValueError(f"gate_up must be (rows, width); got {tuple(gate_up.shape)}")
-    gate_up = gate_up.contiguous()  # the kernel's rows are back to back (a GEMM's output already is)
+    """Triton launcher; same contract as `swiglu_quantize_reference` (`launch`: see `launch_shape`)."""
+    gate_up = _rows(gate_up, "gate_up")
     rows, both = gate_up.shape
     if both % 2:
         raise ValueError(f"gate_up holds gate and up side by side: an even width, not {both}")
@@ -250,8 +245,9 @@ def swiglu_quantize(gate_up: torch.Tensor, bias: torch.Tensor | None = None, **l
     scales = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
     if rows:
         _swiglu_quantize_kernel[(triton.cdiv(rows, shape["ROWS"]),)](
-            gate_up, gate_up if bias is None else bias, values, scales, rows, WIDTH=width, HAS_BIAS=bias is not None,
-            E4M3_MAX=E4M3_MAX, EMULATE=EMULATE_ROUNDING, **shape)
+            gate_up, gate_up if bias is None else bias, values, scales, rows, width, gate_up.stride(0),
+            values.stride(0), HAS_BIAS=bias is not None, E4M3_MAX=E4M3_MAX, EMULATE=EMULATE_ROUNDING,
+            **shape)
     return values, scales
 
 
