@@ -4,8 +4,8 @@
     python -m benchmarks.readme_table --check             # exit 1 if README.md is out of date (a test runs this)
 
 The main table is the H200 run with HF and vLLM beside us (`SOURCE`); the FP8 tables are the runs
-in `FP8_SOURCES` (the H200 calls first) (each call judged on its own rows: a ratio to vLLM is always within one call),
-whose `@fp8` rows meet the same bars.
+in `FP8_SOURCES`, the H200 calls first, each call judged on its own rows (a ratio to vLLM is always
+within one call) against the same bars.
 """
 
 from __future__ import annotations

@@ -191,7 +191,8 @@ def compare_with_vllm(rows: list[dict]) -> None:
                 row[f"speedup_vs_{system}"] = row["samples_per_s"] / base["samples_per_s"]
 
 
-def write_report(args, device: torch.device, rows: list[dict]) -> None:
+def write_report(args, device: torch.device, rows: list[dict], decode_ahead: bool) -> None:
+    """`decode_ahead`: whether the engine queued decode steps ahead (as it took effect: off on the CPU)."""
     if not args.json:
         return
     report = {
@@ -201,7 +202,7 @@ def write_report(args, device: torch.device, rows: list[dict]) -> None:
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
         "compile_decode": not args.no_compile_decode, "compile_prefill": not args.no_compile_prefill,
-        "decode_ahead": not args.no_decode_ahead,
+        "decode_ahead": decode_ahead,
         "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -251,21 +252,23 @@ def main() -> None:
     seats = args.static_batch if args.static_batch and MIXED in args.workloads.split(",") else 128
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]
     rows, counts, inputs = [], {}, {}
+    ahead = False if args.no_decode_ahead else None  # None: the engine's default (on CUDA only)
     for vision_fp8 in VISION_FP8_RUNS[args.vision_fp8]:
         engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                         compile_vision=not args.no_compile_vision,
                                                                         compile_decode=not args.no_compile_decode,
                                                                         compile_prefill=not args.no_compile_prefill,
-                                                                        decode_ahead=False if args.no_decode_ahead else None,
+                                                                        decode_ahead=ahead,
                                                                         fused_vision=not args.no_fused_vision,
                                                                         vision_fp8=vision_fp8, max_num_seqs=seats))
+        decode_ahead = engine.runner.decoder.ahead
         for name in args.workloads.split(","):
             if name not in inputs:  # made once: every precision sees the same samples
                 counts[name] = args.num_samples or default_count(name, tiny)
                 inputs[name] = make_inputs(processor, name, counts[name], args.model)
                 rows += hf_rows(args, model, name, inputs[name], device)
             run_methods(args, engine, name, inputs[name], methods, rows)
-            write_report(args, device, rows)  # after every workload: a run cut short still leaves its numbers
+            write_report(args, device, rows, decode_ahead)  # after every workload: a cut run keeps its numbers
         del engine  # its KV pool and graphs leave before the next precision's engine sizes its own
         gc.collect()
         torch.cuda.empty_cache()
@@ -276,7 +279,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         rows += vllm_rows(args, counts)
         compare_with_vllm(rows)
-        write_report(args, device, rows)
+        write_report(args, device, rows, decode_ahead)
 
     print(f"\n{'workload':<13} {'system':<26} {'batch':>5} {'samples/s':>10} {'x HF best':>10} {'x dense':>8} "
           f"{'x vLLM':>8} {'sparse %':>8} {'peak GB':>8}")
@@ -287,7 +290,7 @@ def main() -> None:
               f"{fmt(row.get('speedup_vs_hf_best'), 10, '.2f')} {fmt(row.get('speedup_vs_engine_dense'), 8, '.2f')} "
               f"{fmt(row.get('speedup_vs_vllm_dense'), 8, '.2f')} "
               f"{fmt(None if share is None else 100 * share, 8, '.2f')} {fmt(row.get('peak_memory_gb'), 8, '.1f')}")
-    write_report(args, device, rows)
+    write_report(args, device, rows, decode_ahead)
     rounded = lambda value: value and round(value, 2)  # noqa: E731
     print(json.dumps({"summary": {f"{r['workload']} {r['method']}": {
         "vs_hf_best": rounded(r["speedup_vs_hf_best"]), "vs_engine_dense": rounded(r["speedup_vs_engine_dense"]),

@@ -290,7 +290,9 @@ def test_the_throughput_benchmark_runs_both_precisions_on_the_same_samples(tmp_p
                                       "--hf-batch-sizes", "", "--vision-fp8", "both", "--vllm", "off",
                                       "--json", str(out)])
     throughput.main()
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    assert report["decode_ahead"] is False  # as it took effect: one step at a time on the CPU
+    rows = report["rows"]
     assert [(r["system"], r["vision_fp8"]) for r in rows] == [
         ("engine_none", False), ("engine_sparsevlm-128", False),
         ("engine_none@fp8", True), ("engine_sparsevlm-128@fp8", True)]
