@@ -123,7 +123,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.fp8_quant import E4M3_MAX, _swiglu_quantize_kernel, launch_shape
 shape = launch_shape("swiglu_quantize", 3424)
-signature = {"GateUp": "*bf16", "Bias": "*bf16", "Values": "*fp8e4nv", "Scales": "*fp32", "n_rows": "i32",
+signature = {"GateUp": "*bf16", "Bias": "*fp32", "Values": "*fp8e4nv", "Scales": "*fp32", "n_rows": "i32",
              "width": "i32", "stride_g": "i32", "stride_v": "i32",
              **dict.fromkeys(["HAS_BIAS", "E4M3_MAX", "EMULATE", "ROWS", "BLOCK"], "constexpr")}
 constants = {"HAS_BIAS": True, "E4M3_MAX": E4M3_MAX, "EMULATE": False, "ROWS": shape["ROWS"], "BLOCK": shape["BLOCK"]}
