@@ -259,6 +259,9 @@ class EngineConfig:
         row, and newcomers let in by such a stop a wasted step. None (the default): on CUDA only,
         since on the CPU the queued step runs before `decode` returns, so there is nothing to
         overlap and only the waste is left (a probe test ran 18% longer with it).
+    fuse_qkv: the engine's decoder layers project q, k and v with one GEMM over the three weights
+        side by side (sparsevlm/fused_qkv.py; the loaded model is untouched, `model.generate`
+        included): at decode batch sizes k and v are too small to stream at the memory's pace alone.
     compile_prefill: the same compiled layers for prefill packs too (the same graphs, the token
         count dynamic). In eager mode a pack's norms, rotary and SwiGLU are ~30% of its device time
         beside the GEMMs; compiled, dense `vqa-1024` runs 1.12x faster on an H100 (README).
@@ -283,6 +286,7 @@ class EngineConfig:
     compile_decode: bool = True
     compile_prefill: bool = True
     decode_ahead: bool | None = None
+    fuse_qkv: bool = True
     fused_vision: bool = True
     vision_fp8: bool = False
     graph_batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))

@@ -21,6 +21,7 @@ from .config import EngineConfig, SparsityConfig
 from .decode_graphs import DecodeGraphs, DecodeInputs
 from .decoding import Decoder
 from .fp8 import check_fp8_device
+from .fused_qkv import engine_layers
 from .kv_cache import KVPool
 from .pruning.pack import PrunedPack
 from .pruning.ragged import to_device
@@ -83,10 +84,11 @@ class ModelRunner:
         self.decode_inputs = DecodeInputs(adapter.num_layers)
         ahead = config.decode_ahead if config.decode_ahead is not None else self.device.type == "cuda"
         self.decoder = Decoder(self, ahead=ahead)
-        compiled = compiled_layers(adapter.layers) if self.device.type == "cuda" and (
+        self.layers = engine_layers(adapter.layers) if config.fuse_qkv else list(adapter.layers)
+        compiled = compiled_layers(self.layers) if self.device.type == "cuda" and (
             config.compile_decode or config.compile_prefill) else None
-        self.decode_layers = compiled if compiled and config.compile_decode else list(adapter.layers)
-        self.prefill_layers = compiled if compiled and config.compile_prefill else list(adapter.layers)
+        self.decode_layers = compiled if compiled and config.compile_decode else self.layers
+        self.prefill_layers = compiled if compiled and config.compile_prefill else self.layers
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
             self._capture_decode_graphs()
@@ -101,11 +103,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, buckets)
             self.graphs.capture_all()
         except Exception as error:  # noqa: BLE001 - any compiler failure; eager capture re-raises real faults
-            if self.decode_layers == list(self.adapter.layers):
+            if self.decode_layers == self.layers:
                 raise
             logger.warning("compiled decode layers failed (%s: %s); decoding with eager layers",
                            type(error).__name__, error)
-            self.decode_layers = list(self.adapter.layers)
+            self.decode_layers = self.layers
             self.graphs = DecodeGraphs(self, buckets)
             self.graphs.capture_all()
 
@@ -143,18 +145,17 @@ class ModelRunner:
         """Vision tower, packed decoder pass with pruning, first token of each sequence.
 
         A compiler failure in the compiled prefill layers (tracing or backend: never a device fault)
-        gives them up for good, logged, and the pack runs again through the layers as loaded: its
+        gives them up for good, logged, and the pack runs again through the uncompiled layers: its
         cache slots are written anew and its plans restored (rank-adaptive pruning replans)."""
         plans = [seq.plan for seq in pack]
         try:
             return self._prefill(pack)
         except torch._dynamo.exc.TorchDynamoException as error:
-            loaded = list(self.adapter.layers)
-            if self.prefill_layers == loaded:
+            if self.prefill_layers == self.layers:
                 raise
-            logger.warning("the compiled decoder layers failed on a prefill pack (%s); prefill runs the layers "
-                           "as loaded from now on", compiler_failure(error))
-            self.prefill_layers = loaded
+            logger.warning("the compiled decoder layers failed on a prefill pack (%s); prefill runs them "
+                           "uncompiled from now on", compiler_failure(error))
+            self.prefill_layers = self.layers
             for seq, plan in zip(pack, plans):
                 seq.plan = plan
             return self._prefill(pack)

@@ -34,12 +34,12 @@ def compiled_run(engine, samples, params, sparsity=None):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     runner = engine.runner
-    layers = compiled_layers(runner.adapter.layers, backend="aot_eager")
+    layers = compiled_layers(runner.layers, backend="aot_eager")
     runner.decode_layers = runner.prefill_layers = layers
     try:
         return engine.generate(samples, params, sparsity=sparsity)
     finally:
-        runner.decode_layers = runner.prefill_layers = list(runner.adapter.layers)
+        runner.decode_layers = runner.prefill_layers = runner.layers
 
 
 def test_compiled_layers_equal_generate(engine):
@@ -106,7 +106,7 @@ def test_a_compiler_failure_in_prefill_falls_back_to_the_layers_as_loaded(engine
     adaptive = SparsityConfig(method="sparsevlm", schedule={1: 0.8, 2: 0.5}, rank_adaptive=True, rank_scale=1.0,
                               rank_bias=1.0)
     expected = engine.generate(samples, params, sparsity=adaptive)
-    runner, loaded = engine.runner, list(engine.runner.adapter.layers)
+    runner, loaded = engine.runner, engine.runner.layers
     torch._dynamo.reset()
     runner.prefill_layers = loaded[:2] + compiled_layers(loaded[2:], backend=broken_backend)  # after layer 1's pruning
     try:

@@ -86,7 +86,7 @@ def test_compiled_decode_step_matches_eager_layers(gpu_engine):
     inputs = runner.decode_inputs.views(block.to("cuda"))
     with torch.inference_mode():
         eager = runner.decode_logits(*inputs).float()
-        runner.decode_layers = compiled_layers(runner.adapter.layers)
+        runner.decode_layers = compiled_layers(runner.layers)
         compiled = runner.decode_logits(*inputs).float()
     assert compiled.shape == eager.shape == (len(batch), eager.shape[1])
     assert (compiled - eager).abs().max() <= 0.05 * eager.abs().max()
@@ -112,7 +112,7 @@ def test_compiled_prefill_matches_eager_layers(gpu_engine, monkeypatch):
         engine = VLMEngine(gpu_engine.model, gpu_engine.processor, engine_config=EngineConfig(
             cuda_graphs=False, compile_decode=False, compile_prefill=compile_prefill))
         runner = engine.runner
-        assert (runner.prefill_layers[0] is not runner.adapter.layers[0]) == compile_prefill  # the switch took
+        assert (runner.prefill_layers[0] is not runner.layers[0]) == compile_prefill  # the switch took
         results = engine.generate(samples, params, sparsity=sparsity)
         return torch.cat(first_logits), results
 

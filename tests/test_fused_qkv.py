@@ -1,0 +1,76 @@
+"""The engine's decoder layers (q, k, v as one GEMM: sparsevlm/fused_qkv.py) against the layers as
+loaded, for every family, on fresh random inputs; fp32 on CPU, to 1e-5 relative (one GEMM sums each
+output over the same K as three do, in a blocking of its own). Called outside an engine, both route
+to transformers' SDPA (causal): the attention they hand over is what is compared."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsevlm.fused_qkv import FusedQKVAttention, engine_layers
+
+
+@pytest.fixture
+def random_biases(any_engine):
+    """The tiny checkpoints' projection biases are zero: random ones for a test, the zeros back after.
+    Written in place into the loaded projections, which the fused bias views."""
+    biases = [getattr(layer.self_attn, name).bias for layer in any_engine.runner.adapter.layers
+              for name in ("q_proj", "k_proj", "v_proj")]
+    biases = [b for b in biases if b is not None]
+    saved = [b.detach().clone() for b in biases]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for b in biases:
+            b.copy_(torch.randn(b.shape, generator=generator))
+    yield
+    with torch.no_grad():
+        for b, value in zip(biases, saved):
+            b.copy_(value)
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_engine_layers_equal_the_layers_as_loaded(any_engine, random_biases, tokens):
+    runner, adapter = any_engine.runner, any_engine.runner.adapter
+    generator = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(1, tokens, adapter.text_config.hidden_size, generator=generator)
+    rotary = adapter.rotary(hidden, adapter.decode_positions(torch.arange(5, 5 + tokens)))
+    for fused, loaded in zip(runner.layers, adapter.layers):
+        assert isinstance(fused.self_attn, FusedQKVAttention) and fused is not loaded
+        assert not isinstance(loaded.self_attn, FusedQKVAttention)  # model.generate keeps transformers' modules
+        with torch.inference_mode():
+            want = loaded(hidden, attention_mask=None, position_embeddings=rotary)
+            got = fused(hidden, attention_mask=None, position_embeddings=rotary)
+        want, got = (out[0] if isinstance(out, tuple) else out for out in (want, got))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_weight_is_the_only_copy(any_engine):
+    """The loaded projections read the fused weight; a second engine over the same model reuses it."""
+    loaded = any_engine.runner.adapter.layers[0].self_attn
+    fused = any_engine.runner.layers[0].self_attn
+    storage = fused.weight.untyped_storage().data_ptr()
+    assert all(getattr(loaded, name).weight.untyped_storage().data_ptr() == storage
+               for name in ("q_proj", "k_proj", "v_proj"))
+    again = engine_layers(any_engine.runner.adapter.layers[:1])[0].self_attn
+    assert again.weight.untyped_storage().data_ptr() == storage
+    assert torch.equal(again.weight, fused.weight)
+    q_rows = loaded.q_proj.out_features
+    assert torch.equal(fused.weight[:q_rows], loaded.q_proj.weight)
+
+
+def test_a_layer_without_q_k_v_projections_stays_as_loaded():
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attention()
+
+    layer = Layer()
+    assert engine_layers([layer]) == [layer]
+    with pytest.raises(ValueError, match="q/k/v/o"):
+        FusedQKVAttention(layer.self_attn)
