@@ -202,7 +202,7 @@ def write_report(args, device: torch.device, rows: list[dict], decode_ahead: boo
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
         "compile_decode": not args.no_compile_decode, "compile_prefill": not args.no_compile_prefill,
-        "decode_ahead": decode_ahead, "fuse_qkv": not args.no_fuse_qkv,
+        "decode_ahead": decode_ahead, "fuse_qkv": args.fuse_qkv,
         "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -231,8 +231,7 @@ def main() -> None:
                         "decoder layers as loaded (EngineConfig.compile_prefill off)")
     parser.add_argument("--no-decode-ahead", action="store_true", help="one decode step at a time, each queued "
                         "after the host read the previous one's tokens (EngineConfig.decode_ahead off)")
-    parser.add_argument("--no-fuse-qkv", action="store_true", help="q, k and v as three GEMMs, as loaded "
-                        "(EngineConfig.fuse_qkv off)")
+    parser.add_argument("--fuse-qkv", action="store_true", help="q, k and v as one GEMM (EngineConfig.fuse_qkv)")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
@@ -261,7 +260,7 @@ def main() -> None:
                                                                         compile_decode=not args.no_compile_decode,
                                                                         compile_prefill=not args.no_compile_prefill,
                                                                         decode_ahead=ahead,
-                                                                        fuse_qkv=not args.no_fuse_qkv,
+                                                                        fuse_qkv=args.fuse_qkv,
                                                                         fused_vision=not args.no_fused_vision,
                                                                         vision_fp8=vision_fp8, max_num_seqs=seats))
         decode_ahead = engine.runner.decoder.ahead

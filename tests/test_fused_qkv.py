@@ -8,14 +8,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import mixed_samples
+from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
 from sparsevlm.fused_qkv import FusedQKVAttention, engine_layers
+
+from test_engine_matches_generate import reference_tokens
+
+
+@pytest.fixture(scope="module")
+def fused_engine(any_engine):
+    """A second engine over the same model, with `EngineConfig.fuse_qkv` (off by default)."""
+    return VLMEngine(any_engine.model, any_engine.processor, engine_config=EngineConfig(fuse_qkv=True, max_num_seqs=3))
 
 
 @pytest.fixture
-def random_biases(any_engine):
+def random_biases(fused_engine):
     """The tiny checkpoints' projection biases are zero: random ones for a test, the zeros back after.
     Written in place into the loaded projections, which the fused bias views."""
-    biases = [getattr(layer.self_attn, name).bias for layer in any_engine.runner.adapter.layers
+    biases = [getattr(layer.self_attn, name).bias for layer in fused_engine.runner.adapter.layers
               for name in ("q_proj", "k_proj", "v_proj")]
     biases = [b for b in biases if b is not None]
     saved = [b.detach().clone() for b in biases]
@@ -30,8 +40,8 @@ def random_biases(any_engine):
 
 
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_engine_layers_equal_the_layers_as_loaded(any_engine, random_biases, tokens):
-    runner, adapter = any_engine.runner, any_engine.runner.adapter
+def test_engine_layers_equal_the_layers_as_loaded(fused_engine, random_biases, tokens):
+    runner, adapter = fused_engine.runner, fused_engine.runner.adapter
     generator = torch.Generator().manual_seed(tokens)
     hidden = torch.randn(1, tokens, adapter.text_config.hidden_size, generator=generator)
     rotary = adapter.rotary(hidden, adapter.decode_positions(torch.arange(5, 5 + tokens)))
@@ -45,18 +55,34 @@ def test_engine_layers_equal_the_layers_as_loaded(any_engine, random_biases, tok
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_fused_weight_is_the_only_copy(any_engine):
+def test_the_fused_weight_is_the_only_copy(fused_engine):
     """The loaded projections read the fused weight; a second engine over the same model reuses it."""
-    loaded = any_engine.runner.adapter.layers[0].self_attn
-    fused = any_engine.runner.layers[0].self_attn
+    loaded = fused_engine.runner.adapter.layers[0].self_attn
+    fused = fused_engine.runner.layers[0].self_attn
     storage = fused.weight.untyped_storage().data_ptr()
     assert all(getattr(loaded, name).weight.untyped_storage().data_ptr() == storage
                for name in ("q_proj", "k_proj", "v_proj"))
-    again = engine_layers(any_engine.runner.adapter.layers[:1])[0].self_attn
+    again = engine_layers(fused_engine.runner.adapter.layers[:1])[0].self_attn
     assert again.weight.untyped_storage().data_ptr() == storage
     assert torch.equal(again.weight, fused.weight)
     q_rows = loaded.q_proj.out_features
     assert torch.equal(fused.weight[:q_rows], loaded.q_proj.weight)
+
+
+def test_the_fused_engine_equals_generate(fused_engine):
+    """Prefill packs and decode steps through the fused layers: `generate`'s tokens; pruned, the
+    unfused engine's tokens and kept positions (the raters read the fused layers' q and k)."""
+    samples = mixed_samples(fused_engine.processor, seed=11)
+    lengths = [5, 2, 7, 3, 1, 6, 4, 8][:len(samples)]
+    results = fused_engine.generate(samples, [SamplingParams(max_new_tokens=n) for n in lengths])
+    assert [r.token_ids for r in results] == [reference_tokens(fused_engine, s, n) for s, n in zip(samples, lengths)]
+    plain = VLMEngine(fused_engine.model, fused_engine.processor, engine_config=EngineConfig(max_num_seqs=3))
+    assert plain.runner.layers == list(plain.runner.adapter.layers)  # the default: the layers as loaded
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    sparsity = SparsityConfig(method="sparsevlm", keep_ratio=0.3)
+    fused, unfused = (e.generate(samples, params, sparsity=sparsity) for e in (fused_engine, plain))
+    assert [r.token_ids for r in fused] == [r.token_ids for r in unfused]
+    assert [r.stats.kept_visual_positions for r in fused] == [r.stats.kept_visual_positions for r in unfused]
 
 
 def test_a_layer_without_q_k_v_projections_stays_as_loaded():
