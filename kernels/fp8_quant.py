@@ -121,8 +121,8 @@ def _round_to_e4m3(y, EMULATE: tl.constexpr):
 def _silu(x, APPROXIMATE: tl.constexpr):
     """x * sigmoid(x). Compiled (`APPROXIMATE`), e^-x and the reciprocal are one MUFU instruction
     each, flushing subnormals to zero (ex2/rcp.approx.ftz: within 2 ulp, far below e4m3's step):
-    `tl.sigmoid` guards both against subnormals, ~12 instructions a value where this takes 5, in a
-    kernel that is bound by its instruction count. The interpreter has no inline PTX."""
+    `tl.sigmoid` guards both against subnormals, ~12 instructions a value where this takes 5 (the
+    SwiGLU kernel looked bound by its instruction count: README). The interpreter has no inline PTX."""
     if APPROXIMATE:
         exp_minus_x = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * -1.4426950408889634],
                                                 dtype=tl.float32, is_pure=True, pack=1)
@@ -138,7 +138,7 @@ def _store_quantized(y, rows, cols, n_rows, Values, Scales, stride_v, padded_wid
     """y: (ROWS, BLOCK) fp32, zero past each row's width -> e4m3 values and a scale per row."""
     amax = tl.max(tl.abs(y), axis=1)
     scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
-    inverse = tl.fdiv(tl.full(amax.shape, E4M3_MAX, tl.float32), amax, ieee_rounding=True)  # as `_scaled`
+    inverse = tl.math.div_rn(tl.full(amax.shape, E4M3_MAX, tl.float32), amax)  # rounded once, as `_scaled`
     inverse = tl.where(amax > 0, inverse, 1.0)
     values = y * inverse[:, None]
     if EMULATE:  # compiled, the cast to e4m3 saturates at +-448 itself (cvt.satfinite)
