@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ class FusedQKVAttention(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         for name in ("past_key_values", "cache"):  # the engine keeps its own cache
             if kwargs.pop(name, None) is not None:
                 raise ValueError("the engine's fused attention takes no transformers cache")

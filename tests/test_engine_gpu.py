@@ -70,6 +70,17 @@ def test_sparse_keep_everything_equals_dense_and_graphs_equal_eager(gpu_engine):
     assert any(r.stats.n_visual_tokens_kept < r.stats.n_visual_tokens for r in with_graphs)
 
 
+def first_decode_step(engine: VLMEngine, samples: list[dict]) -> tuple[torch.Tensor, ...]:
+    """Run the samples' prefill pack (everybody gets a first token and a cache); the device inputs
+    of the decode step after it, for `runner.decode_logits`."""
+    for sample in samples:
+        engine.add_request(sample, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    engine.step()
+    runner, batch = engine.runner, list(engine.scheduler.running)
+    block = runner.decoder.input_block(tuple(batch), tuple(len(seq.tokens) for seq in batch), True)
+    return runner.decode_inputs.views(block.to("cuda"))
+
+
 def test_compiled_decode_step_matches_eager_layers(gpu_engine):
     """One decode step through inductor-compiled layers against the layers as loaded, on the same
     cache. bf16: fused kernels round intermediates differently, so logits agree to 5% of their
@@ -78,12 +89,8 @@ def test_compiled_decode_step_matches_eager_layers(gpu_engine):
 
     engine = VLMEngine(gpu_engine.model, gpu_engine.processor,
                        engine_config=EngineConfig(cuda_graphs=False, compile_decode=False))
-    for sample in mixed_samples(engine.processor, seed=7):
-        engine.add_request(sample, SamplingParams(max_new_tokens=4, ignore_eos=True))
-    engine.step()  # the prefill pack: everybody has a first token and a cache
-    runner, batch = engine.runner, list(engine.scheduler.running)
-    block = runner.decoder.input_block(tuple(batch), tuple(len(seq.tokens) for seq in batch), True)
-    inputs = runner.decode_inputs.views(block.to("cuda"))
+    runner, inputs = engine.runner, first_decode_step(engine, mixed_samples(engine.processor, seed=7))
+    batch = list(engine.scheduler.running)
     with torch.inference_mode():
         eager = runner.decode_logits(*inputs).float()
         runner.decode_layers = compiled_layers(runner.layers)
@@ -102,12 +109,7 @@ def test_fused_qkv_layers_match_the_layers_as_loaded(gpu_engine):
     for sample, result in zip(samples, engine.generate(samples, SamplingParams(max_new_tokens=1))):
         out = engine.model.generate(**{k: v.cuda() for k, v in sample.items()}, max_new_tokens=1, do_sample=False)
         assert result.token_ids[0] == out[0, sample["input_ids"].shape[1]].item()
-    for sample in samples:
-        engine.add_request(sample, SamplingParams(max_new_tokens=4, ignore_eos=True))
-    engine.step()  # the prefill pack
-    runner, batch = engine.runner, list(engine.scheduler.running)
-    block = runner.decoder.input_block(tuple(batch), tuple(len(seq.tokens) for seq in batch), True)
-    inputs = runner.decode_inputs.views(block.to("cuda"))
+    runner, inputs = engine.runner, first_decode_step(engine, samples)
     with torch.inference_mode():
         fused = runner.decode_logits(*inputs).float()
         runner.decode_layers = list(runner.adapter.layers)
