@@ -113,37 +113,46 @@ def test_swiglu_quantize_reads_strided_rows():
     assert_quantized_close(swiglu_quantize(gate_up), swiglu_quantize_reference(gate_up))
 
 
-# Compiles the SwiGLU kernel for Hopper and prints its global loads and stores, for rows as the
-# engine hands them over: Fp8SwiGLU pads Qwen2.5-VL's 3420 to 3424, and Triton specialises integer
-# arguments divisible by 16 (width 3424, row strides 6848 and 3424) as such. In a fresh interpreter:
-# the tests' TRITON_INTERPRET=1 makes every @triton.jit an interpreted function, which cannot compile.
-SWIGLU_PTX = """
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels.fp8_quant import E4M3_MAX, _swiglu_quantize_kernel, launch_shape
-shape = launch_shape("swiglu_quantize", 3424)
-signature = {"GateUp": "*bf16", "Bias": "*fp32", "Values": "*fp8e4nv", "Scales": "*fp32", "n_rows": "i32",
-             "width": "i32", "stride_g": "i32", "stride_v": "i32",
-             **dict.fromkeys(["HAS_BIAS", "E4M3_MAX", "EMULATE", "ROWS", "BLOCK"], "constexpr")}
-constants = {"HAS_BIAS": True, "E4M3_MAX": E4M3_MAX, "EMULATE": False, "ROWS": shape["ROWS"], "BLOCK": shape["BLOCK"]}
-divisible = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6, 7)}  # pointers; width, strides
-source = ASTSource(fn=_swiglu_quantize_kernel, signature=signature, constexprs=constants, attrs=divisible)
-ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": shape["num_warps"]}).asm["ptx"]
-print(json.dumps({"loads": re.findall(r"ld\\.global\\S*", ptx), "stores": re.findall(r"st\\.global\\S*", ptx)}))
+# Compiles the SwiGLU kernel for Hopper (benchmarks/kernel_sass.py) and prints its global loads and
+# stores and its SASS opcodes, for rows as the engine hands them over: Fp8SwiGLU pads Qwen2.5-VL's
+# 3420 to 3424, and Triton specialises integer arguments divisible by 16 (width 3424, row strides 6848
+# and 3424) as such. In a fresh interpreter: the tests' TRITON_INTERPRET=1 makes every @triton.jit an
+# interpreted function, which cannot compile.
+SWIGLU_COMPILED = """
+import json, re
+from benchmarks.kernel_sass import compiled, sass_instructions
+kernel, _ = compiled("swiglu_quantize 3424")
+ptx = kernel.asm["ptx"]
+print(json.dumps({"loads": re.findall(r"ld\\.global\\S*", ptx), "stores": re.findall(r"st\\.global\\S*", ptx),
+                  "opcodes": sass_instructions(kernel.asm["cubin"])}))
 """
 
 
-def test_swiglu_kernel_moves_16_byte_vectors_at_the_engines_width():
-    """Compiled for Hopper (no GPU needed: Triton's own compiler), the engine's padded rows are
-    loaded and stored 16 bytes at a time. (Unpadded, 3420 wide, every load would be one bf16.)"""
+@pytest.fixture(scope="module")
+def swiglu_for_hopper() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", SWIGLU_PTX], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", SWIGLU_COMPILED], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    accesses = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_swiglu_kernel_moves_16_byte_vectors_at_the_engines_width(swiglu_for_hopper):
+    """Compiled for Hopper (no GPU needed: Triton's own compiler), the engine's padded rows are
+    loaded and stored 16 bytes at a time. (Unpadded, 3420 wide, every load would be one bf16.)"""
+    accesses = swiglu_for_hopper
     assert accesses["loads"] and all(".v4." in a for a in accesses["loads"]), set(accesses["loads"])
     assert any(".v4." in a for a in accesses["stores"]), set(accesses["stores"])
+
+
+def test_swiglu_kernel_guards_no_value_and_lays_out_nothing_twice(swiglu_for_hopper):
+    """Its SASS: the SiLU and the scaling compare no value against a range (`tl.sigmoid` and a division
+    per value put ~2 FSETP per value, 35 in all), and the only barrier is the row maximum's (a 1-D bias
+    load was re-laid out through shared memory: 17 barriers)."""
+    opcodes = swiglu_for_hopper["opcodes"]
+    assert opcodes.count("FSETP") <= 8, opcodes.count("FSETP")
+    assert opcodes.count("BAR") <= 2, opcodes.count("BAR")
 
 
 def test_the_launchers_refuse_what_they_cannot_take():
