@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -74,6 +75,8 @@ def run_hf(model, sample: dict, batch_size: int, max_new_tokens: int, repeats: i
 
 VISION_FP8_RUNS = {"off": (False,), "on": (True,), "both": (False, True)}
 FP8_SUFFIX = "@fp8"  # an engine row with FP8 vision GEMMs: system and method end in it
+FUSE_QKV_RUNS = VISION_FP8_RUNS  # the same choices for EngineConfig.fuse_qkv
+QKV_SUFFIX = "+qkv"  # an engine row whose decoder projects q, k and v as one GEMM (before any @fp8)
 
 
 def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], repeats: int,
@@ -94,10 +97,10 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     prefill_s = sum(s.prefill_ms for s in stats) / 1e3
     batching = f"static-{static_batch}" if static_batch else "continuous"
-    vision_fp8 = engine.config.vision_fp8
-    suffix = FP8_SUFFIX if vision_fp8 else ""
+    vision_fp8, fuse_qkv = engine.config.vision_fp8, engine.config.fuse_qkv
+    suffix = (QKV_SUFFIX if fuse_qkv else "") + (FP8_SUFFIX if vision_fp8 else "")
     return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else "") + suffix,
-            "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "batching": batching,
+            "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "fuse_qkv": fuse_qkv, "batching": batching,
             "batch_size": len(samples),
             "seconds": seconds, "samples_per_s": len(samples) / seconds,
             "peak_memory_gb": peak_memory_gb(engine.device),
@@ -231,7 +234,9 @@ def main() -> None:
                         "decoder layers as loaded (EngineConfig.compile_prefill off)")
     parser.add_argument("--no-decode-ahead", action="store_true", help="one decode step at a time, each queued "
                         "after the host read the previous one's tokens (EngineConfig.decode_ahead off)")
-    parser.add_argument("--fuse-qkv", action="store_true", help="q, k and v as one GEMM (EngineConfig.fuse_qkv)")
+    parser.add_argument("--fuse-qkv", choices=tuple(FUSE_QKV_RUNS), nargs="?", const="on", default="off",
+                        help="q, k and v as one GEMM in the decoder (EngineConfig.fuse_qkv); both: unfused, then "
+                        f"fused (rows' method ends in {QKV_SUFFIX})")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
@@ -254,13 +259,13 @@ def main() -> None:
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]
     rows, counts, inputs = [], {}, {}
     ahead = False if args.no_decode_ahead else None  # None: the engine's default (on CUDA only)
-    for vision_fp8 in VISION_FP8_RUNS[args.vision_fp8]:
+    for vision_fp8, fuse_qkv in itertools.product(VISION_FP8_RUNS[args.vision_fp8], FUSE_QKV_RUNS[args.fuse_qkv]):
         engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                         compile_vision=not args.no_compile_vision,
                                                                         compile_decode=not args.no_compile_decode,
                                                                         compile_prefill=not args.no_compile_prefill,
                                                                         decode_ahead=ahead,
-                                                                        fuse_qkv=args.fuse_qkv,
+                                                                        fuse_qkv=fuse_qkv,
                                                                         fused_vision=not args.no_fused_vision,
                                                                         vision_fp8=vision_fp8, max_num_seqs=seats))
         decode_ahead = engine.runner.decoder.ahead

@@ -100,3 +100,23 @@ def test_a_layer_without_q_k_v_projections_stays_as_loaded():
     assert engine_layers([layer]) == [layer]
     with pytest.raises(ValueError, match="q/k/v/o"):
         FusedQKVAttention(layer.self_attn)
+
+
+def test_the_throughput_benchmark_runs_unfused_then_fused_on_the_same_samples(tmp_path, monkeypatch):
+    """`benchmarks.throughput --fuse-qkv both`: unfused rows, then fused rows (method ending in
+    +qkv) on the same samples, each compared with its own configuration's dense row."""
+    import json
+    import sys
+
+    from benchmarks import throughput
+
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["throughput", "--workloads", "vqa-256", "--num-samples", "2", "--repeats", "1",
+                                      "--hf-batch-sizes", "", "--fuse-qkv", "both", "--vllm", "off",
+                                      "--json", str(out)])
+    throughput.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["fuse_qkv"]) for r in rows] == [
+        ("none", False), ("sparsevlm-128", False), ("none+qkv", True), ("sparsevlm-128+qkv", True)]
+    assert rows[3]["speedup_vs_engine_dense"] == pytest.approx(rows[3]["samples_per_s"] / rows[2]["samples_per_s"])
+    assert all(r["n_visual_tokens_kept_mean"] == rows[1]["n_visual_tokens_kept_mean"] for r in rows[1::2])
