@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--methods", default="none,sparsevlm-128")
     parser.add_argument("--vision-fp8", action="store_true", help="EngineConfig.vision_fp8")
-    parser.add_argument("--fuse-qkv", action="store_true", help="EngineConfig.fuse_qkv")
+    parser.add_argument("--no-fuse-qkv", action="store_true", help="q, k and v as three GEMMs "
+                        "(EngineConfig.fuse_qkv off)")
     parser.add_argument("--kernels", action="store_true", help="also profile the dense decode graph's kernels")
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
@@ -179,7 +180,7 @@ def main() -> None:
     for ahead in (True, False):
         engine = VLMEngine(model, processor, engine_config=EngineConfig(vision_fp8=args.vision_fp8,
                                                                         decode_ahead=ahead,
-                                                                        fuse_qkv=args.fuse_qkv))
+                                                                        fuse_qkv=not args.no_fuse_qkv))
         for method in args.methods.split(","):
             sparsity = SparsityConfig.parse(method)
             engine.generate(samples, params, sparsity=sparsity)  # warm-up: compile, capture graphs
@@ -211,7 +212,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "model": args.model,
                                          "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                         "vision_fp8": args.vision_fp8, "fuse_qkv": args.fuse_qkv,
+                                         "vision_fp8": args.vision_fp8, "fuse_qkv": not args.no_fuse_qkv,
                                          "rows": rows,
                                          "kernel_profile": kernels}, indent=2))
 

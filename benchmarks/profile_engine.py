@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     parser.add_argument("--no-compile-prefill", action="store_true", help="EngineConfig.compile_prefill off")
     parser.add_argument("--vision-fp8", action="store_true", help="EngineConfig.vision_fp8")
-    parser.add_argument("--fuse-qkv", action="store_true", help="EngineConfig.fuse_qkv")
+    parser.add_argument("--no-fuse-qkv", action="store_true", help="q, k and v as three GEMMs "
+                        "(EngineConfig.fuse_qkv off)")
     parser.add_argument("--gaps", action="store_true", help="CUDA: where the device idles, and what the host does")
     args = parser.parse_args()
 
@@ -83,7 +84,7 @@ def main() -> None:
     model, processor = load_model(args.model, str(device))
     engine = VLMEngine(model, processor, engine_config=EngineConfig(compile_prefill=not args.no_compile_prefill,
                                                                     vision_fp8=args.vision_fp8,
-                                                                    fuse_qkv=args.fuse_qkv))
+                                                                    fuse_qkv=not args.no_fuse_qkv))
     workload = WORKLOADS[args.workload]
     samples = make_samples(processor, workload, args.num_samples, args.model)
     params = SamplingParams(max_new_tokens=workload.max_new_tokens, ignore_eos=True)

@@ -76,7 +76,7 @@ def run_hf(model, sample: dict, batch_size: int, max_new_tokens: int, repeats: i
 VISION_FP8_RUNS = {"off": (False,), "on": (True,), "both": (False, True)}
 FP8_SUFFIX = "@fp8"  # an engine row with FP8 vision GEMMs: system and method end in it
 FUSE_QKV_RUNS = VISION_FP8_RUNS  # the same choices for EngineConfig.fuse_qkv
-QKV_SUFFIX = "+qkv"  # an engine row whose decoder projects q, k and v as one GEMM (before any @fp8)
+SEPARATE_QKV_SUFFIX = "@separate-qkv"  # an engine row with q, k and v as three GEMMs (not the default)
 
 
 def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], repeats: int,
@@ -98,7 +98,7 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
     prefill_s = sum(s.prefill_ms for s in stats) / 1e3
     batching = f"static-{static_batch}" if static_batch else "continuous"
     vision_fp8, fuse_qkv = engine.config.vision_fp8, engine.config.fuse_qkv
-    suffix = (QKV_SUFFIX if fuse_qkv else "") + (FP8_SUFFIX if vision_fp8 else "")
+    suffix = ("" if fuse_qkv else SEPARATE_QKV_SUFFIX) + (FP8_SUFFIX if vision_fp8 else "")
     return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else "") + suffix,
             "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "fuse_qkv": fuse_qkv, "batching": batching,
             "batch_size": len(samples),
@@ -116,13 +116,16 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
             "attention_backend": engine.backend.name}
 
 
-def make_inputs(processor, name: str, count: int, model_name: str) -> tuple[list[dict], list[int], object]:
-    """A workload's samples, their new-token counts, and its Workload (None for `mixed`)."""
+def make_inputs(processor, name: str, count: int, model_name: str, frames: bool = False
+                ) -> tuple[list[dict], list[int], object]:
+    """A workload's samples (float patches, or uint8 frames), their new-token counts, and its
+    Workload (None for `mixed`)."""
     if name == MIXED:
-        samples, new_tokens = make_mixed_samples(processor, count, model_name)
+        samples, new_tokens = make_mixed_samples(processor, count, model_name, frames=frames)
         return samples, new_tokens, None
     workload = WORKLOADS[name]
-    return make_samples(processor, workload, count, model_name), [workload.max_new_tokens] * count, workload
+    return (make_samples(processor, workload, count, model_name, frames=frames), [workload.max_new_tokens] * count,
+            workload)
 
 
 def hf_rows(args, model, name: str, inputs: tuple, device: torch.device) -> list[dict]:
@@ -206,7 +209,7 @@ def write_report(args, device: torch.device, rows: list[dict], decode_ahead: boo
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
         "compile_decode": not args.no_compile_decode, "compile_prefill": not args.no_compile_prefill,
         "decode_ahead": decode_ahead, "fuse_qkv": args.fuse_qkv,
-        "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "rows": rows,
+        "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "pixels": args.pixels, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
@@ -226,6 +229,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--static-batch", type=int, default=64, help="on `mixed`, also run static batching in "
                         "groups of this many (0: skip), beside continuous batching with as many seats")
+    parser.add_argument("--pixels", choices=("patches", "frames"), default="patches", help="what the engine is "
+                        "handed: the processor's float patches, or its resized uint8 frames as the pipeline hands "
+                        "them (normalised and patchified on the device, inside the timed call)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-compile-vision", action="store_true")
     parser.add_argument("--no-compile-decode", action="store_true", help="decode steps through the decoder "
@@ -234,9 +240,9 @@ def main() -> None:
                         "decoder layers as loaded (EngineConfig.compile_prefill off)")
     parser.add_argument("--no-decode-ahead", action="store_true", help="one decode step at a time, each queued "
                         "after the host read the previous one's tokens (EngineConfig.decode_ahead off)")
-    parser.add_argument("--fuse-qkv", choices=tuple(FUSE_QKV_RUNS), nargs="?", const="on", default="off",
-                        help="q, k and v as one GEMM in the decoder (EngineConfig.fuse_qkv); both: unfused, then "
-                        f"fused (rows' method ends in {QKV_SUFFIX})")
+    parser.add_argument("--fuse-qkv", choices=tuple(FUSE_QKV_RUNS), default="on",
+                        help="q, k and v as one GEMM in the decoder (EngineConfig.fuse_qkv, on by default); off: "
+                        f"three GEMMs (rows' method ends in {SEPARATE_QKV_SUFFIX}); both: three, then one, in one call")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
@@ -252,6 +258,8 @@ def main() -> None:
     args = parser.parse_args()
 
     tiny = args.model == "tiny"
+    if args.pixels == "frames" and args.hf_batch_sizes != "":
+        parser.error('--pixels frames: HF generate takes the processor\'s float patches; pass --hf-batch-sizes ""')
     with_vllm = vllm_baseline.wanted(args.vllm, applies=not tiny)  # before the run: a wrong flag fails at once
     device = device_for(args.model)
     model, processor = load_model(args.model, str(device))
@@ -272,7 +280,7 @@ def main() -> None:
         for name in args.workloads.split(","):
             if name not in inputs:  # made once: every precision sees the same samples
                 counts[name] = args.num_samples or default_count(name, tiny)
-                inputs[name] = make_inputs(processor, name, counts[name], args.model)
+                inputs[name] = make_inputs(processor, name, counts[name], args.model, frames=args.pixels == "frames")
                 rows += hf_rows(args, model, name, inputs[name], device)
             run_methods(args, engine, name, inputs[name], methods, rows)
             write_report(args, device, rows, decode_ahead)  # after every workload: a cut run keeps its numbers

@@ -180,12 +180,13 @@ def prompt_for(processor, workload: Workload, question: str = QUESTION) -> str:
         [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}])
 
 
-def make_sample(processor, workload: Workload, seed: int, scale: int = 1) -> dict:
-    """One sample of `workload` with a random image (or frames) seeded by `seed`."""
+def make_sample(processor, workload: Workload, seed: int, scale: int = 1, frames: bool = False) -> dict:
+    """One sample of `workload` with a random image (or video) seeded by `seed`: the processor's
+    float patches, or with `frames` its resized uint8 frames (what the pipeline's CPU stage hands
+    the engine: 8x fewer bytes to pin and upload, normalised and patchified on the device)."""
     media = random_media(workload, seed, scale)
-    if workload.is_video:
-        return processor(text=[prompt_for(processor, workload)], videos=[media])
-    return processor(text=[prompt_for(processor, workload)], images=[media])
+    options = {"videos" if workload.is_video else "images": [media], **({"return_frames": True} if frames else {})}
+    return processor(text=[prompt_for(processor, workload)], **options)
 
 
 def device_for(model_name: str) -> torch.device:
@@ -193,10 +194,11 @@ def device_for(model_name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and model_name != "tiny" else "cpu")
 
 
-def make_samples(processor, workload: Workload, count: int, model_name: str, first_seed: int = 0) -> list[dict]:
+def make_samples(processor, workload: Workload, count: int, model_name: str, first_seed: int = 0,
+                 frames: bool = False) -> list[dict]:
     """`count` samples with seeds first_seed.., images shrunk TINY_SCALE x for the tiny model."""
     scale = TINY_SCALE if model_name == "tiny" else 1
-    return [make_sample(processor, workload, seed=first_seed + i, scale=scale) for i in range(count)]
+    return [make_sample(processor, workload, seed=first_seed + i, scale=scale, frames=frames) for i in range(count)]
 
 
 def mixed_plan(count: int, seed: int = 0) -> list[tuple[Workload, int, int]]:
@@ -209,11 +211,13 @@ def mixed_plan(count: int, seed: int = 0) -> list[tuple[Workload, int, int]]:
     return [(kind, seed * 100_003 + i, n) for i, (kind, n) in enumerate(zip(drawn, new_tokens))]
 
 
-def make_mixed_samples(processor, count: int, model_name: str, seed: int = 0) -> tuple[list[dict], list[int]]:
+def make_mixed_samples(processor, count: int, model_name: str, seed: int = 0,
+                       frames: bool = False) -> tuple[list[dict], list[int]]:
     """`count` samples of the mixed plan, and each one's new tokens."""
     scale = TINY_SCALE if model_name == "tiny" else 1
     plan = mixed_plan(count, seed)
-    return [make_sample(processor, kind, media_seed, scale) for kind, media_seed, _ in plan], [n for *_, n in plan]
+    return ([make_sample(processor, kind, media_seed, scale, frames) for kind, media_seed, _ in plan],
+            [n for *_, n in plan])
 
 
 def default_count(workload_name: str, tiny: bool) -> int:

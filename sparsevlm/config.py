@@ -262,8 +262,7 @@ class EngineConfig:
     fuse_qkv: the engine's decoder layers project q, k and v with one GEMM over the three weights
         side by side (sparsevlm/fused_qkv.py; the loaded model is untouched, `model.generate`
         included): at decode batch sizes k and v are too small to stream at the memory's pace alone.
-        Off by default until it has run on a GPU: exact against the layers as loaded in fp32 on CPU,
-        not yet measured or tested in bf16 on CUDA (README, decode graph).
+        On an H100, a dense decode step of 64 rows went from 8.29 to 7.90 ms (README, decode graph).
     compile_prefill: the same compiled layers for prefill packs too (the same graphs, the token
         count dynamic). In eager mode a pack's norms, rotary and SwiGLU are ~30% of its device time
         beside the GEMMs; compiled, dense `vqa-1024` runs 1.12x faster on an H100 (README).
@@ -288,7 +287,7 @@ class EngineConfig:
     compile_decode: bool = True
     compile_prefill: bool = True
     decode_ahead: bool | None = None
-    fuse_qkv: bool = False
+    fuse_qkv: bool = True
     fused_vision: bool = True
     vision_fp8: bool = False
     graph_batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))

@@ -17,8 +17,10 @@ from test_engine_matches_generate import reference_tokens
 
 @pytest.fixture(scope="module")
 def fused_engine(any_engine):
-    """A second engine over the same model, with `EngineConfig.fuse_qkv` (off by default)."""
-    return VLMEngine(any_engine.model, any_engine.processor, engine_config=EngineConfig(fuse_qkv=True, max_num_seqs=3))
+    """A second engine over the same model, with the default `EngineConfig.fuse_qkv` (on)."""
+    engine = VLMEngine(any_engine.model, any_engine.processor, engine_config=EngineConfig(max_num_seqs=3))
+    assert engine.runner.layers != list(engine.runner.adapter.layers)
+    return engine
 
 
 @pytest.fixture
@@ -76,8 +78,9 @@ def test_the_fused_engine_equals_generate(fused_engine):
     lengths = [5, 2, 7, 3, 1, 6, 4, 8][:len(samples)]
     results = fused_engine.generate(samples, [SamplingParams(max_new_tokens=n) for n in lengths])
     assert [r.token_ids for r in results] == [reference_tokens(fused_engine, s, n) for s, n in zip(samples, lengths)]
-    plain = VLMEngine(fused_engine.model, fused_engine.processor, engine_config=EngineConfig(max_num_seqs=3))
-    assert plain.runner.layers == list(plain.runner.adapter.layers)  # the default: the layers as loaded
+    plain = VLMEngine(fused_engine.model, fused_engine.processor,
+                      engine_config=EngineConfig(fuse_qkv=False, max_num_seqs=3))
+    assert plain.runner.layers == list(plain.runner.adapter.layers)  # off: the layers as loaded
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     sparsity = SparsityConfig(method="sparsevlm", keep_ratio=0.3)
     fused, unfused = (e.generate(samples, params, sparsity=sparsity) for e in (fused_engine, plain))
@@ -103,8 +106,8 @@ def test_a_layer_without_q_k_v_projections_stays_as_loaded():
 
 
 def test_the_throughput_benchmark_runs_unfused_then_fused_on_the_same_samples(tmp_path, monkeypatch):
-    """`benchmarks.throughput --fuse-qkv both`: unfused rows, then fused rows (method ending in
-    +qkv) on the same samples, each compared with its own configuration's dense row."""
+    """`benchmarks.throughput --fuse-qkv both`: unfused rows (method ending in @separate-qkv), then
+    fused rows (the default) on the same samples, each compared with its own configuration's dense row."""
     import json
     import sys
 
@@ -117,6 +120,6 @@ def test_the_throughput_benchmark_runs_unfused_then_fused_on_the_same_samples(tm
     throughput.main()
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["fuse_qkv"]) for r in rows] == [
-        ("none", False), ("sparsevlm-128", False), ("none+qkv", True), ("sparsevlm-128+qkv", True)]
+        ("none@separate-qkv", False), ("sparsevlm-128@separate-qkv", False), ("none", True), ("sparsevlm-128", True)]
     assert rows[3]["speedup_vs_engine_dense"] == pytest.approx(rows[3]["samples_per_s"] / rows[2]["samples_per_s"])
     assert all(r["n_visual_tokens_kept_mean"] == rows[1]["n_visual_tokens_kept_mean"] for r in rows[1::2])
