@@ -278,7 +278,7 @@ def main() -> None:
                                                                         vision_fp8=vision_fp8, max_num_seqs=seats))
         decode_ahead = engine.runner.decoder.ahead
         for name in args.workloads.split(","):
-            if name not in inputs:  # made once: every precision sees the same samples
+            if name not in inputs:  # made once: every configuration sees the same samples
                 counts[name] = args.num_samples or default_count(name, tiny)
                 inputs[name] = make_inputs(processor, name, counts[name], args.model, frames=args.pixels == "frames")
                 rows += hf_rows(args, model, name, inputs[name], device)
