@@ -1,5 +1,5 @@
 """`benchmarks.throughput --pixels`: the engine handed the processor's float patches or, as the
-pipeline hands them, its resized uint8 frames; the same visual tokens and the same answers."""
+pipeline hands them, its resized uint8 frames; the same visual tokens either way."""
 
 from __future__ import annotations
 
