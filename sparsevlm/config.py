@@ -259,6 +259,11 @@ class EngineConfig:
         row, and newcomers let in by such a stop a wasted step. None (the default): on CUDA only,
         since on the CPU the queued step runs before `decode` returns, so there is nothing to
         overlap and only the waste is left (a probe test ran 18% longer with it).
+    prepare_ahead: `generate` prepares its samples (checks, M-RoPE positions, pinned pixels: ~1 ms
+        each on the host) on a worker thread, in order, while the device runs the packs queued
+        before them (sparsevlm/prepare_ahead.py), instead of all of them before the first pack.
+        The packs are the same: the engine waits for more samples while the next pack could
+        still grow. None (the default): on CUDA only (on the CPU there is no device to overlap).
     fuse_qkv: the engine's decoder layers project q, k and v with one GEMM over the three weights
         side by side (sparsevlm/fused_qkv.py; the loaded model is untouched, `model.generate`
         included): at decode batch sizes k and v are too small to stream at the memory's pace alone.
@@ -287,6 +292,7 @@ class EngineConfig:
     compile_decode: bool = True
     compile_prefill: bool = True
     decode_ahead: bool | None = None
+    prepare_ahead: bool | None = None
     fuse_qkv: bool = True
     fused_vision: bool = True
     vision_fp8: bool = False

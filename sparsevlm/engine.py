@@ -27,6 +27,7 @@ import torch
 from .adapters import ModelAdapter, PreparedSample, adapter_class_for
 from .config import EngineConfig, SamplingParams, SparsityConfig
 from .model_runner import ModelRunner
+from .prepare_ahead import PrepareAhead
 from .pruning.schedule import plan_sample
 from .scheduler import ScheduledStep, Scheduler, Sequence
 from .stats import SampleStats
@@ -77,6 +78,8 @@ class VLMEngine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.runner = ModelRunner(self.adapter, self.config)
         self.scheduler = Scheduler(self.runner.pool, self.config.max_num_seqs, self.config.max_prefill_tokens)
+        ahead = self.config.prepare_ahead
+        self.prepare_ahead = ahead if ahead is not None else self.device.type == "cuda"
         self._request_ids = itertools.count()
         self._fault: BaseException | None = None
 
@@ -201,6 +204,10 @@ class VLMEngine:
         """Generate for every sample; results come back in input order. A sample that fails
         raises its error once the others are done.
 
+        A sample that fails its checks (a malformed processor output) raises before anything runs,
+        or, with `EngineConfig.prepare_ahead` (samples prepared while earlier packs run), once the
+        samples queued before it are done; nothing after it runs.
+
         `params`: one SamplingParams for all samples or one per sample. `sparsity`
         overrides the engine's default SparsityConfig for this call.
         """
@@ -210,12 +217,30 @@ class VLMEngine:
             raise RuntimeError("generate() needs an idle engine; it has streaming requests in flight "
                                "(collect them with step() first)")
         params_list = self._params_per_sample(params, len(samples))
-        prepared = [self.prepare(sample, i) for i, sample in enumerate(samples)]  # every sample checked first
-        order = {self.add_request(p, sp, sparsity): i for i, (p, sp) in enumerate(zip(prepared, params_list))}
+        prepared = PrepareAhead(self.prepare, samples, threaded=self.prepare_ahead)
+        order: dict[int, int] = {}
         results: list[GenerationResult | None] = [None] * len(samples)
-        while self.has_unfinished():
-            for request_id, result in self.step():
-                results[order[request_id]] = result
+        bad_sample: Exception | None = None
+        try:
+            while True:
+                # queue what is prepared; wait for more while the next pack could still grow
+                while not prepared.exhausted:
+                    try:
+                        sample = prepared.next(wait=not self.scheduler.waiting_fills_a_pack())
+                    except Exception as error:  # its checks failed: what runs finishes, then it raises
+                        bad_sample = error
+                        break
+                    if sample is None:
+                        break
+                    order[self.add_request(sample, params_list[sample.index], sparsity)] = sample.index
+                if not self.has_unfinished():
+                    break
+                for request_id, result in self.step():
+                    results[order[request_id]] = result
+        finally:
+            prepared.close()
+        if bad_sample is not None:
+            raise bad_sample
         for result in results:
             if result.error is not None:
                 raise result.error

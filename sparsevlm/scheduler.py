@@ -109,6 +109,17 @@ class Scheduler:
             return ScheduledStep("decode", list(self.running))
         return None
 
+    def waiting_fills_a_pack(self) -> bool:
+        """Whether the queue already holds more than one pack takes (by seats or prefill tokens), so a
+        caller still adding requests need not wait for more before the next step: the next pack
+        is the same either way."""
+        tokens = 0
+        for count, sequence in enumerate(self.waiting, start=1):
+            tokens += sequence.sample.num_tokens
+            if count >= self.max_num_seqs or tokens > self.max_prefill_tokens:
+                return True
+        return False
+
     def _seats_for_a_pack(self, running: int) -> bool:
         """Whether newcomers are let in beside `running` sequences (if the KV pool has room)."""
         worth_a_pack = min(len(self.waiting), max(1, self.max_num_seqs // 4))
