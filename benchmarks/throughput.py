@@ -77,6 +77,8 @@ VISION_FP8_RUNS = {"off": (False,), "on": (True,), "both": (False, True)}
 FP8_SUFFIX = "@fp8"  # an engine row with FP8 vision GEMMs: system and method end in it
 FUSE_QKV_RUNS = VISION_FP8_RUNS  # the same choices for EngineConfig.fuse_qkv
 SEPARATE_QKV_SUFFIX = "@separate-qkv"  # an engine row with q, k and v as three GEMMs (not the default)
+PREPARE_AHEAD_RUNS = {"on": (True,), "off": (False,), "both": (False, True)}  # EngineConfig.prepare_ahead
+PREPARED_FIRST_SUFFIX = "@prepared-first"  # an engine row whose samples were all prepared before its first pack
 
 
 def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], repeats: int,
@@ -97,10 +99,12 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     prefill_s = sum(s.prefill_ms for s in stats) / 1e3
     batching = f"static-{static_batch}" if static_batch else "continuous"
-    vision_fp8, fuse_qkv = engine.config.vision_fp8, engine.config.fuse_qkv
-    suffix = ("" if fuse_qkv else SEPARATE_QKV_SUFFIX) + (FP8_SUFFIX if vision_fp8 else "")
+    vision_fp8, fuse_qkv, prepare_ahead = engine.config.vision_fp8, engine.config.fuse_qkv, engine.prepare_ahead
+    suffix = ("" if fuse_qkv else SEPARATE_QKV_SUFFIX) + ("" if prepare_ahead else PREPARED_FIRST_SUFFIX) + \
+        (FP8_SUFFIX if vision_fp8 else "")
     return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else "") + suffix,
-            "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "fuse_qkv": fuse_qkv, "batching": batching,
+            "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "fuse_qkv": fuse_qkv,
+            "prepare_ahead": prepare_ahead, "batching": batching,
             "batch_size": len(samples),
             "seconds": seconds, "samples_per_s": len(samples) / seconds,
             "peak_memory_gb": peak_memory_gb(engine.device),
@@ -150,25 +154,28 @@ def hf_rows(args, model, name: str, inputs: tuple, device: torch.device) -> list
 
 def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list[SparsityConfig],
                 rows: list[dict]) -> None:
-    """The engine's rows for one workload (static batching beside on `mixed`), appended to `rows`;
-    ratios are against this precision's own dense and static rows."""
+    """The engine's rows for one workload (static batching beside on `mixed`), appended to `rows`, once
+    per `--prepare-ahead` choice (the same engine: only `generate`'s host side differs); ratios are
+    against the same configuration's own dense and static rows."""
     samples, new_tokens, _ = inputs
     hf_best = max((r["samples_per_s"] for r in rows if r["workload"] == name and r["system"] == "hf_generate"
                    and "error" not in r), default=None)
-    dense = None
-    for sparsity in methods:
+    dense = {}
+    for sparsity, prepare_ahead in itertools.product(methods, PREPARE_AHEAD_RUNS[args.prepare_ahead]):
+        engine.prepare_ahead = prepare_ahead
         if name == MIXED and args.static_batch:
             row = run_engine(engine, samples, new_tokens, args.repeats, sparsity, static_batch=args.static_batch)
             rows.append({"workload": name, **row})
             print(f"{name:<13} {row['system']:<26} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s",
                   flush=True)
         row = run_engine(engine, samples, new_tokens, args.repeats, sparsity)
-        dense = row["samples_per_s"] if sparsity.method == "none" else dense
+        if sparsity.method == "none":
+            dense[prepare_ahead] = row["samples_per_s"]
         static = [r for r in rows if r["workload"] == name and r.get("batching", "").startswith("static")
                   and r["method"] == row["method"]]
         row["speedup_vs_static"] = row["samples_per_s"] / static[-1]["samples_per_s"] if static else None
         row["speedup_vs_hf_best"] = row["samples_per_s"] / hf_best if hf_best else None
-        row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense if dense else None
+        row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense[prepare_ahead] if prepare_ahead in dense else None
         rows.append({"workload": name, **row})
         print(f"{name:<13} {row['system']:<26} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s "
               f"(vision {row['vision_s']:.2f}s prefill {row['prefill_s']:.2f}s of which sparse "
@@ -208,7 +215,7 @@ def write_report(args, device: torch.device, rows: list[dict], decode_ahead: boo
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
         "compile_decode": not args.no_compile_decode, "compile_prefill": not args.no_compile_prefill,
-        "decode_ahead": decode_ahead, "fuse_qkv": args.fuse_qkv,
+        "decode_ahead": decode_ahead, "fuse_qkv": args.fuse_qkv, "prepare_ahead": args.prepare_ahead,
         "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "pixels": args.pixels, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +250,10 @@ def main() -> None:
     parser.add_argument("--fuse-qkv", choices=tuple(FUSE_QKV_RUNS), default="on",
                         help="q, k and v as one GEMM in the decoder (EngineConfig.fuse_qkv, on by default); off: "
                         f"three GEMMs (rows' method ends in {SEPARATE_QKV_SUFFIX}); both: three, then one, in one call")
+    parser.add_argument("--prepare-ahead", choices=tuple(PREPARE_AHEAD_RUNS), default="on",
+                        help="generate prepares samples on a worker thread while earlier packs run "
+                        "(EngineConfig.prepare_ahead, the CUDA default); off: all before the first pack (rows' method "
+                        f"ends in {PREPARED_FIRST_SUFFIX}); both: off, then on, on the same engine in one call")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
