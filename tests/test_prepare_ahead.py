@@ -75,3 +75,26 @@ def test_a_bad_sample_raises_after_what_was_queued_before_it(engine, ahead):
     assert not runner.has_unfinished() and runner.runner.pool.num_free == runner.runner.pool.capacity
     good = [r.token_ids for r in runner.generate(samples[:2], SamplingParams(max_new_tokens=3, ignore_eos=True))]
     assert [len(tokens) for tokens in good] == [3, 3]  # the engine is idle and usable again
+
+
+def test_the_throughput_benchmark_runs_prepared_first_then_ahead_on_one_engine(tmp_path, monkeypatch):
+    """`benchmarks.throughput --prepare-ahead both`: rows with every sample prepared first (method
+    ending in @prepared-first), then prepared ahead, each against its own configuration's dense row."""
+    import json
+    import sys
+
+    from benchmarks import throughput
+
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["throughput", "--workloads", "vqa-256", "--num-samples", "2", "--repeats", "1",
+                                      "--hf-batch-sizes", "", "--prepare-ahead", "both", "--vllm", "off",
+                                      "--json", str(out)])
+    throughput.main()
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["prepare_ahead"] == "both"
+    assert [(r["method"], r["prepare_ahead"]) for r in rows] == [
+        ("none@prepared-first", False), ("none", True), ("sparsevlm-128@prepared-first", False),
+        ("sparsevlm-128", True)]
+    assert rows[3]["speedup_vs_engine_dense"] == pytest.approx(rows[3]["samples_per_s"] / rows[1]["samples_per_s"])
+    assert rows[2]["speedup_vs_engine_dense"] == pytest.approx(rows[2]["samples_per_s"] / rows[0]["samples_per_s"])
