@@ -22,6 +22,7 @@ SOURCE = REPO / "benchmarks" / "results" / "h200_throughput_vllm.json"
 FP8_SOURCES = tuple(REPO / "benchmarks" / "results" / name for name in (
     "h200_throughput_fp8_vllm_vqa_caption.json",  # issue 16's bars are H200 bars: the defaults today
     "h200_throughput_fp8_vllm_video.json",
+    "h100_throughput_fp8_prepare_ahead_vllm_vqa_caption.json",  # samples prepared first, then ahead (bec04d5)
     "h100_throughput_fp8_vllm_vqa_caption.json",  # the defaults at fc53221 (fused q/k/v), every workload
     "h100_throughput_fp8_vllm_video.json",
     "h100_throughput_caption_fuse_qkv_vllm.json",  # q, k, v as three GEMMs and as one (+qkv), beside vLLM
