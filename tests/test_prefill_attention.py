@@ -61,3 +61,21 @@ def test_vision_tower_runs_varlen_not_a_window_loop(engine, monkeypatch):
     engine.generate(mixed_samples(engine.processor)[:2])
     depth = engine.model.config.vision_config.depth
     assert calls.count(False) == depth  # one bidirectional varlen call per vision block for the whole pack
+
+
+def test_the_prefill_attention_benchmark_checks_every_backend_against_the_reference(tmp_path, monkeypatch):
+    """`benchmarks.prefill_attention` on CPU: each backend torch runs here agrees with the per-sample
+    reference (fp32, 1e-4); those it cannot run are reported, not dropped."""
+    import json
+    import sys
+
+    from benchmarks import prefill_attention
+
+    out = tmp_path / "attention.json"
+    monkeypatch.setattr(sys, "argv", ["prefill_attention", "--samples", "3", "--length", "17", "--repeats", "1",
+                                      "--json", str(out)])
+    prefill_attention.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == list(prefill_attention.SDPA_BACKENDS)
+    timed = [r for r in rows if "error" not in r]
+    assert timed and all(r["max_abs_diff"] < 1e-4 and r["ms"] > 0 for r in timed)
