@@ -110,9 +110,9 @@ class Scheduler:
         return None
 
     def waiting_fills_a_pack(self) -> bool:
-        """Whether the queue already holds more than one pack takes (by seats or prefill tokens), so a
-        caller still adding requests need not wait for more before the next step: the next pack
-        is the same either way."""
+        """Whether the queue already holds all a pack can take (its seats, or more prefill tokens than
+        a pack's budget), so a caller still adding requests need not wait for more before the next
+        step: the next pack is the same either way."""
         tokens = 0
         for count, sequence in enumerate(self.waiting, start=1):
             tokens += sequence.sample.num_tokens
