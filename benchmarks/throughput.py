@@ -79,6 +79,8 @@ FUSE_QKV_RUNS = VISION_FP8_RUNS  # the same choices for EngineConfig.fuse_qkv
 SEPARATE_QKV_SUFFIX = "@separate-qkv"  # an engine row with q, k and v as three GEMMs (not the default)
 PREPARE_AHEAD_RUNS = {"on": (True,), "off": (False,), "both": (False, True)}  # EngineConfig.prepare_ahead
 PREPARED_FIRST_SUFFIX = "@prepared-first"  # an engine row whose samples were all prepared before its first pack
+BATCHED_ATTENTION_RUNS = {"on": (True,), "off": (False,), "both": (False, True)}  # batched_prefill_attention
+BATCHED_ATTENTION_SUFFIX = "@batched-attention"  # an engine row whose equal-length packs ran batched attention
 
 
 def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], repeats: int,
@@ -100,11 +102,12 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
     prefill_s = sum(s.prefill_ms for s in stats) / 1e3
     batching = f"static-{static_batch}" if static_batch else "continuous"
     vision_fp8, fuse_qkv, prepare_ahead = engine.config.vision_fp8, engine.config.fuse_qkv, engine.prepare_ahead
+    batched_attention = engine.runner.backend.batched_prefill
     suffix = ("" if fuse_qkv else SEPARATE_QKV_SUFFIX) + ("" if prepare_ahead else PREPARED_FIRST_SUFFIX) + \
-        (FP8_SUFFIX if vision_fp8 else "")
+        (BATCHED_ATTENTION_SUFFIX if batched_attention else "") + (FP8_SUFFIX if vision_fp8 else "")
     return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else "") + suffix,
             "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "fuse_qkv": fuse_qkv,
-            "prepare_ahead": prepare_ahead, "batching": batching,
+            "prepare_ahead": prepare_ahead, "batched_prefill_attention": batched_attention, "batching": batching,
             "batch_size": len(samples),
             "seconds": seconds, "samples_per_s": len(samples) / seconds,
             "peak_memory_gb": peak_memory_gb(engine.device),
@@ -155,14 +158,17 @@ def hf_rows(args, model, name: str, inputs: tuple, device: torch.device) -> list
 def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list[SparsityConfig],
                 rows: list[dict]) -> None:
     """The engine's rows for one workload (static batching beside on `mixed`), appended to `rows`, once
-    per `--prepare-ahead` choice (the same engine: only `generate`'s host side differs); ratios are
-    against the same configuration's own dense and static rows."""
+    per `--prepare-ahead` and `--batched-prefill-attention` choice (the same engine: neither is
+    compiled into it); ratios are against the same configuration's own dense and static rows."""
     samples, new_tokens, _ = inputs
     hf_best = max((r["samples_per_s"] for r in rows if r["workload"] == name and r["system"] == "hf_generate"
                    and "error" not in r), default=None)
     dense = {}
-    for sparsity, prepare_ahead in itertools.product(methods, PREPARE_AHEAD_RUNS[args.prepare_ahead]):
+    for sparsity, prepare_ahead, batched in itertools.product(methods, PREPARE_AHEAD_RUNS[args.prepare_ahead],
+                                                               BATCHED_ATTENTION_RUNS[args.batched_prefill_attention]):
         engine.prepare_ahead = prepare_ahead
+        engine.runner.backend.batched_prefill = batched
+        configuration = (prepare_ahead, batched)
         if name == MIXED and args.static_batch:
             row = run_engine(engine, samples, new_tokens, args.repeats, sparsity, static_batch=args.static_batch)
             rows.append({"workload": name, **row})
@@ -170,12 +176,12 @@ def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list
                   flush=True)
         row = run_engine(engine, samples, new_tokens, args.repeats, sparsity)
         if sparsity.method == "none":
-            dense[prepare_ahead] = row["samples_per_s"]
+            dense[configuration] = row["samples_per_s"]
         static = [r for r in rows if r["workload"] == name and r.get("batching", "").startswith("static")
                   and r["method"] == row["method"]]
         row["speedup_vs_static"] = row["samples_per_s"] / static[-1]["samples_per_s"] if static else None
         row["speedup_vs_hf_best"] = row["samples_per_s"] / hf_best if hf_best else None
-        row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense[prepare_ahead] if prepare_ahead in dense else None
+        row["speedup_vs_engine_dense"] = row["samples_per_s"] / dense[configuration] if configuration in dense else None
         rows.append({"workload": name, **row})
         print(f"{name:<13} {row['system']:<26} batch {len(samples):>4}: {row['samples_per_s']:8.2f} samples/s "
               f"(vision {row['vision_s']:.2f}s prefill {row['prefill_s']:.2f}s of which sparse "
@@ -216,6 +222,7 @@ def write_report(args, device: torch.device, rows: list[dict], decode_ahead: boo
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
         "compile_decode": not args.no_compile_decode, "compile_prefill": not args.no_compile_prefill,
         "decode_ahead": decode_ahead, "fuse_qkv": args.fuse_qkv, "prepare_ahead": args.prepare_ahead,
+        "batched_prefill_attention": args.batched_prefill_attention,
         "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "pixels": args.pixels, "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +261,10 @@ def main() -> None:
                         help="generate prepares samples on a worker thread while earlier packs run "
                         "(EngineConfig.prepare_ahead, the CUDA default); off: all before the first pack (rows' method "
                         f"ends in {PREPARED_FIRST_SUFFIX}); both: off, then on, on the same engine in one call")
+    parser.add_argument("--batched-prefill-attention", choices=tuple(BATCHED_ATTENTION_RUNS), default="off",
+                        help="equal-length prefill packs' attention as one batched cuDNN call "
+                        "(EngineConfig.batched_prefill_attention, off by default; CUDA only); on: rows' method "
+                        f"ends in {BATCHED_ATTENTION_SUFFIX}; both: off, then on, on the same engine in one call")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
@@ -273,6 +284,8 @@ def main() -> None:
         parser.error('--pixels frames: HF generate takes the processor\'s float patches; pass --hf-batch-sizes ""')
     with_vllm = vllm_baseline.wanted(args.vllm, applies=not tiny)  # before the run: a wrong flag fails at once
     device = device_for(args.model)
+    if args.batched_prefill_attention != "off" and device.type != "cuda":
+        parser.error("--batched-prefill-attention: the batched path is CUDA only (the CPU engine runs varlen)")
     model, processor = load_model(args.model, str(device))
     seats = args.static_batch if args.static_batch and MIXED in args.workloads.split(",") else 128
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]

@@ -68,10 +68,11 @@ class AttentionBackend:
     Vision attention with `fused_vision` on CUDA: windows of <= 64 tokens through our Triton kernel,
     equal-length segments (a pack of same-size images) as one batched cuDNN call."""
 
-    def __init__(self, name: str, device: torch.device, fused_vision: bool = True):
+    def __init__(self, name: str, device: torch.device, fused_vision: bool = True, batched_prefill: bool = False):
         self.name = name
         self.device = device
         self.fused_vision = fused_vision and device.type == "cuda"
+        self.batched_prefill = batched_prefill and device.type == "cuda"
         if name == "flash_attn":
             from flash_attn import flash_attn_varlen_func
 
@@ -85,7 +86,8 @@ class AttentionBackend:
             self._varlen_causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
 
     @classmethod
-    def choose(cls, device: torch.device, requested: str = "auto", fused_vision: bool = True) -> "AttentionBackend":
+    def choose(cls, device: torch.device, requested: str = "auto", fused_vision: bool = True,
+               batched_prefill: bool = False) -> "AttentionBackend":
         if requested != "auto":
             if requested not in ("flash_attn", "torch_varlen", "sdpa"):
                 raise ValueError(f"unknown attention backend {requested!r}; use auto, flash_attn, torch_varlen or sdpa")
@@ -104,12 +106,18 @@ class AttentionBackend:
                 except ImportError:
                     backend, reason = cls("sdpa", device), "neither flash-attn nor torch varlen_attn available"
         backend.fused_vision = fused_vision and device.type == "cuda"
+        backend.batched_prefill = batched_prefill and device.type == "cuda"
         logger.info("attention backend: %s (%s)", backend.name, reason)
         return backend
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PrefillMeta,
                 scale: float) -> torch.Tensor:
-        """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), causal within each sample."""
+        """q: (T, Hq, D), k/v: (T, Hq or Hkv, D) -> (T, Hq, D), causal within each sample. With
+        `batched_prefill`, a pack whose samples are all of one length (at this layer) runs as one
+        batched SDPA call (cuDNN's fused attention) instead of the varlen call."""
+        samples = len(meta.cu_seqlens_list) - 1
+        if self.batched_prefill and samples > 1 and samples * meta.max_seqlen == q.shape[0]:
+            return torch.ops.sparsevlm.equal_segments_attention(q, k, v, meta.max_seqlen, scale, True)
         return self.varlen(q, k, v, meta.cu_seqlens, meta.cu_seqlens_list, meta.max_seqlen, scale, causal=True)
 
     def varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -158,24 +166,27 @@ def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 @torch.library.custom_op("sparsevlm::equal_segments_attention", mutates_args=())
 def equal_segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
-                             scale: float) -> torch.Tensor:
-    """(T, H, D) packed as T / length segments of `length` tokens -> bidirectional attention within each,
-    as one batched SDPA: cuDNN's fused attention on CUDA (on the H200 ~1.5x FlashAttention-2 at the
-    vision towers' head dim of 80; benchmarks/vision_kernels.py), an opaque op inside compiled blocks."""
+                             scale: float, causal: bool = False) -> torch.Tensor:
+    """q (T, Hq, D), k/v (T, Hkv, D) packed as T / length segments of `length` tokens -> attention
+    within each (bidirectional, or causal), as one batched SDPA (GQA when Hkv < Hq): cuDNN's fused
+    attention on CUDA, an opaque op inside compiled blocks. On the H200 ~1.5x FlashAttention-2 at the
+    vision towers' head dim of 80 (benchmarks/vision_kernels.py); on an H100 2.6x torch's varlen call
+    for a causal pack of 29 x 1121 tokens at the decoder's 28/4 heads of 128
+    (benchmarks/prefill_attention.py)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    heads, dim = q.shape[1], q.shape[2]
-    batched = [t.reshape(-1, length, heads, dim).transpose(1, 2) for t in (q, k, v)]
+    batched = [t.reshape(-1, length, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v)]
+    options = {"scale": scale, "is_causal": causal, "enable_gqa": k.shape[1] != q.shape[1]}
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
-            out = F.scaled_dot_product_attention(*batched, scale=scale)
+            out = F.scaled_dot_product_attention(*batched, **options)
     else:  # fp32, or CPU: whatever SDPA has for it
-        out = F.scaled_dot_product_attention(*batched, scale=scale)
+        out = F.scaled_dot_product_attention(*batched, **options)
     return out.transpose(1, 2).reshape(q.shape)
 
 
 @equal_segments_attention.register_fake
-def _(q, k, v, length, scale):
+def _(q, k, v, length, scale, causal=False):
     return torch.empty_like(q)
 
 

@@ -70,7 +70,8 @@ class ModelRunner:
         self.config = config
         self.device = adapter.lm_head.weight.device
         self.dtype = adapter.lm_head.weight.dtype
-        self.backend = AttentionBackend.choose(self.device, config.attention_backend, fused_vision=config.fused_vision)
+        self.backend = AttentionBackend.choose(self.device, config.attention_backend, fused_vision=config.fused_vision,
+                                               batched_prefill=config.batched_prefill_attention)
         self.clock = _Clock(self.device)
         route_text_attention(adapter.text_config)
         if config.compile_vision and self.device.type == "cuda":

@@ -50,6 +50,16 @@ def test_gpu_backend_equals_naive(lengths):
     torch.testing.assert_close(got, naive_causal(q, k, v, meta.cu_seqlens_list, 128 ** -0.5), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[1121] * 4, [300] * 7, [1121, 1120]])
+def test_gpu_batched_prefill_equals_naive(lengths):
+    """EngineConfig.batched_prefill_attention's path (cuDNN, bf16) where lengths are equal, varlen where not."""
+    backend = AttentionBackend.choose(torch.device("cuda"), batched_prefill=True)
+    q, k, v, meta = packed_case(lengths, 28, 4, 128, torch.bfloat16, "cuda")
+    got = backend.prefill(q, k, v, meta, 128 ** -0.5).float()
+    torch.testing.assert_close(got, naive_causal(q, k, v, meta.cu_seqlens_list, 128 ** -0.5), atol=2e-2, rtol=2e-2)
+
+
 def test_vision_tower_runs_varlen_not_a_window_loop(engine, monkeypatch):
     """transformers loops over vision windows in Python unless its attention is varlen: ours must be."""
     from helpers import mixed_samples
@@ -79,3 +89,55 @@ def test_the_prefill_attention_benchmark_checks_every_backend_against_the_refere
     assert [r["backend"] for r in rows] == list(prefill_attention.SDPA_BACKENDS)
     timed = [r for r in rows if "error" not in r]
     assert timed and all(r["max_abs_diff"] < 1e-4 and r["ms"] > 0 for r in timed)
+
+
+@pytest.mark.parametrize("lengths, batched", [([13, 13, 13], True), ([13, 12, 13], False), ([40], False)])
+def test_batched_prefill_runs_equal_length_packs_as_one_call(lengths, batched, monkeypatch):
+    """`batched_prefill` (CUDA only; forced here on CPU, fp32): a pack of samples of one length goes
+    through the batched causal GQA op, any other pack through the varlen path; both equal the naive
+    block-diagonal causal attention (1e-5)."""
+    backend = AttentionBackend("sdpa", torch.device("cpu"))
+    assert not AttentionBackend("sdpa", torch.device("cpu"), batched_prefill=True).batched_prefill
+    backend.batched_prefill = True
+    calls = []
+    op = torch.ops.sparsevlm.equal_segments_attention
+    monkeypatch.setattr(torch.ops.sparsevlm, "equal_segments_attention",
+                        lambda *args: calls.append(args[3:]) or op(*args))
+    q, k, v, meta = packed_case(lengths, 6, 2, 16, torch.float32, "cpu")
+    got = backend.prefill(q, k, v, meta, 0.3)
+    torch.testing.assert_close(got, naive_causal(q, k, v, meta.cu_seqlens_list, 0.3), atol=1e-5, rtol=1e-5)
+    assert calls == ([(lengths[0], 0.3, True)] if batched else [])
+
+
+def test_the_engine_with_batched_prefill_equals_generate(engine):
+    """Same-size images under one prompt (equal lengths at every layer, pruned or not): with the
+    batched prefill forced on (CPU, fp32) the engine still gives `generate`'s tokens, and pruned,
+    the varlen engine's tokens and kept positions."""
+    import unittest.mock
+
+    import numpy as np
+
+    from helpers import chat, random_image
+    from sparsevlm import SamplingParams, SparsityConfig, VLMEngine
+    from test_engine_matches_generate import reference_tokens
+
+    rng = np.random.default_rng(5)
+    processor = engine.processor
+    samples = [processor(text=[chat(processor, "image", text="Caption the picture.")], images=[random_image(rng, 56, 84)])
+               for _ in range(3)]
+    batched = VLMEngine(engine.model, processor)
+    batched.runner.backend.batched_prefill = True
+    calls = []
+    op = torch.ops.sparsevlm.equal_segments_attention
+    with unittest.mock.patch.object(torch.ops.sparsevlm, "equal_segments_attention",
+                                    lambda *args: calls.append(args[3:]) or op(*args)):
+        results = batched.generate(samples, SamplingParams(max_new_tokens=4))
+        assert [r.token_ids for r in results] == [reference_tokens(engine, s, 4) for s in samples]
+        causal_calls = [c for c in calls if c[-1] is True]
+        assert len(causal_calls) == engine.model.config.get_text_config().num_hidden_layers  # every layer, one call
+        sparsity = SparsityConfig(method="sparsevlm", keep_ratio=0.3)
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        pruned = batched.generate(samples, params, sparsity=sparsity)
+    plain = VLMEngine(engine.model, processor).generate(samples, params, sparsity=sparsity)
+    assert [r.token_ids for r in pruned] == [r.token_ids for r in plain]
+    assert [r.stats.kept_visual_positions for r in pruned] == [r.stats.kept_visual_positions for r in plain]
