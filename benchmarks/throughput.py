@@ -77,9 +77,9 @@ VISION_FP8_RUNS = {"off": (False,), "on": (True,), "both": (False, True)}
 FP8_SUFFIX = "@fp8"  # an engine row with FP8 vision GEMMs: system and method end in it
 FUSE_QKV_RUNS = VISION_FP8_RUNS  # the same choices for EngineConfig.fuse_qkv
 SEPARATE_QKV_SUFFIX = "@separate-qkv"  # an engine row with q, k and v as three GEMMs (not the default)
-PREPARE_AHEAD_RUNS = {"on": (True,), "off": (False,), "both": (False, True)}  # EngineConfig.prepare_ahead
+PREPARE_AHEAD_RUNS = VISION_FP8_RUNS  # the same choices for EngineConfig.prepare_ahead
 PREPARED_FIRST_SUFFIX = "@prepared-first"  # an engine row whose samples were all prepared before its first pack
-BATCHED_ATTENTION_RUNS = {"on": (True,), "off": (False,), "both": (False, True)}  # batched_prefill_attention
+BATCHED_ATTENTION_RUNS = VISION_FP8_RUNS  # and for EngineConfig.batched_prefill_attention
 BATCHED_ATTENTION_SUFFIX = "@batched-attention"  # an engine row whose equal-length packs ran batched attention
 
 

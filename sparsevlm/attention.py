@@ -64,7 +64,8 @@ class ForwardContext:
 
 
 class AttentionBackend:
-    """Prefill: flash-attn varlen, torch varlen (CUDA) or SDPA per sample. Decode: Triton on CUDA, torch on CPU.
+    """Prefill: flash-attn varlen, torch varlen (CUDA) or SDPA per sample; with `batched_prefill` on CUDA, a
+    pack of equal-length samples as one batched cuDNN call. Decode: Triton on CUDA, torch on CPU.
     Vision attention with `fused_vision` on CUDA: windows of <= 64 tokens through our Triton kernel,
     equal-length segments (a pack of same-size images) as one batched cuDNN call."""
 
