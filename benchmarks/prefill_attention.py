@@ -17,12 +17,14 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.vision_kernels import cuda_ms
 from sparsevlm.attention import AttentionBackend, prefill_attention_reference
 
 SDPA_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
@@ -35,21 +37,15 @@ def causal_flops(samples: int, length: int, heads: int, head_dim: int) -> float:
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median ms of `repeats` calls after a warm-up: CUDA events on the GPU, wall time on the CPU."""
+    if device.type == "cuda":
+        return cuda_ms(fn, repeats)
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-            began = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - began))
+        began = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - began))
     return statistics.median(times)
 
 
