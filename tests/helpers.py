@@ -84,3 +84,18 @@ def streamed(engine, samples: list[dict], params: list) -> list[list[int]]:
             assert result.error is None, result.error
             tokens[ids[request_id]] = result.token_ids
     return [tokens[i] for i in range(len(samples))]
+
+
+def throughput_report(tmp_path, monkeypatch, *flags: str) -> dict:
+    """`python -m benchmarks.throughput` on two `vqa-256` samples, once, without vLLM or the HF
+    baseline, plus `flags`; the JSON report it writes."""
+    import json
+    import sys
+
+    from benchmarks import throughput
+
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["throughput", "--workloads", "vqa-256", "--num-samples", "2", "--repeats", "1",
+                                      "--hf-batch-sizes", "", "--vllm", "off", *flags, "--json", str(out)])
+    throughput.main()
+    return json.loads(out.read_text())

@@ -280,17 +280,9 @@ def test_compiled_fp8_tower_on_cuda_is_close_to_bf16(family, tiny_checkpoints):
 def test_the_throughput_benchmark_runs_both_precisions_on_the_same_samples(tmp_path, monkeypatch):
     """`benchmarks.throughput --vision-fp8 both`: the model's precision, then FP8 rows (ending in
     @fp8) on the same workload, each compared with its own precision's dense row."""
-    import json
-    import sys
+    from helpers import throughput_report
 
-    from benchmarks import throughput
-
-    out = tmp_path / "rows.json"
-    monkeypatch.setattr(sys, "argv", ["throughput", "--workloads", "vqa-256", "--num-samples", "2", "--repeats", "1",
-                                      "--hf-batch-sizes", "", "--vision-fp8", "both", "--vllm", "off",
-                                      "--json", str(out)])
-    throughput.main()
-    report = json.loads(out.read_text())
+    report = throughput_report(tmp_path, monkeypatch, "--vision-fp8", "both")
     assert report["decode_ahead"] is False  # as it took effect: one step at a time on the CPU
     rows = report["rows"]
     assert [(r["system"], r["vision_fp8"]) for r in rows] == [

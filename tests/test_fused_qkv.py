@@ -108,17 +108,9 @@ def test_a_layer_without_q_k_v_projections_stays_as_loaded():
 def test_the_throughput_benchmark_runs_unfused_then_fused_on_the_same_samples(tmp_path, monkeypatch):
     """`benchmarks.throughput --fuse-qkv both`: unfused rows (method ending in @separate-qkv), then
     fused rows (the default) on the same samples, each compared with its own configuration's dense row."""
-    import json
-    import sys
+    from helpers import throughput_report
 
-    from benchmarks import throughput
-
-    out = tmp_path / "rows.json"
-    monkeypatch.setattr(sys, "argv", ["throughput", "--workloads", "vqa-256", "--num-samples", "2", "--repeats", "1",
-                                      "--hf-batch-sizes", "", "--fuse-qkv", "both", "--vllm", "off",
-                                      "--json", str(out)])
-    throughput.main()
-    rows = json.loads(out.read_text())["rows"]
+    rows = throughput_report(tmp_path, monkeypatch, "--fuse-qkv", "both")["rows"]
     assert [(r["method"], r["fuse_qkv"]) for r in rows] == [
         ("none@separate-qkv", False), ("sparsevlm-128@separate-qkv", False), ("none", True), ("sparsevlm-128", True)]
     assert rows[3]["speedup_vs_engine_dense"] == pytest.approx(rows[3]["samples_per_s"] / rows[2]["samples_per_s"])

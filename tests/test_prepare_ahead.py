@@ -80,17 +80,9 @@ def test_a_bad_sample_raises_after_what_was_queued_before_it(engine, ahead):
 def test_the_throughput_benchmark_runs_prepared_first_then_ahead_on_one_engine(tmp_path, monkeypatch):
     """`benchmarks.throughput --prepare-ahead both`: rows with every sample prepared first (method
     ending in @prepared-first), then prepared ahead, each against its own configuration's dense row."""
-    import json
-    import sys
+    from helpers import throughput_report
 
-    from benchmarks import throughput
-
-    out = tmp_path / "rows.json"
-    monkeypatch.setattr(sys, "argv", ["throughput", "--workloads", "vqa-256", "--num-samples", "2", "--repeats", "1",
-                                      "--hf-batch-sizes", "", "--prepare-ahead", "both", "--vllm", "off",
-                                      "--json", str(out)])
-    throughput.main()
-    report = json.loads(out.read_text())
+    report = throughput_report(tmp_path, monkeypatch, "--prepare-ahead", "both")
     rows = report["rows"]
     assert report["prepare_ahead"] == "both"
     assert [(r["method"], r["prepare_ahead"]) for r in rows] == [
