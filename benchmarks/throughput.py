@@ -81,9 +81,6 @@ PREPARE_AHEAD_RUNS = VISION_FP8_RUNS  # the same choices for EngineConfig.prepar
 PREPARED_FIRST_SUFFIX = "@prepared-first"  # an engine row whose samples were all prepared before its first pack
 BATCHED_ATTENTION_RUNS = VISION_FP8_RUNS  # and for EngineConfig.batched_prefill_attention
 BATCHED_ATTENTION_SUFFIX = "@batched-attention"  # an engine row whose equal-length packs ran batched attention
-FUSE_GATE_UP_RUNS = VISION_FP8_RUNS  # and for EngineConfig.fuse_gate_up
-# an engine row whose MLPs ran gate and up otherwise than EngineConfig's default does
-GATE_UP_SUFFIX = {True: "@fused-gate-up", False: "@separate-gate-up"}
 
 
 def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], repeats: int,
@@ -105,14 +102,11 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
     prefill_s = sum(s.prefill_ms for s in stats) / 1e3
     batching = f"static-{static_batch}" if static_batch else "continuous"
     vision_fp8, fuse_qkv, prepare_ahead = engine.config.vision_fp8, engine.config.fuse_qkv, engine.prepare_ahead
-    fuse_gate_up, batched_attention = engine.config.fuse_gate_up, engine.runner.backend.batched_prefill
-    suffix = ("" if fuse_qkv else SEPARATE_QKV_SUFFIX) + \
-        ("" if fuse_gate_up == EngineConfig.fuse_gate_up else GATE_UP_SUFFIX[fuse_gate_up]) + \
-        ("" if prepare_ahead else PREPARED_FIRST_SUFFIX) + \
+    batched_attention = engine.runner.backend.batched_prefill
+    suffix = ("" if fuse_qkv else SEPARATE_QKV_SUFFIX) + ("" if prepare_ahead else PREPARED_FIRST_SUFFIX) + \
         (BATCHED_ATTENTION_SUFFIX if batched_attention else "") + (FP8_SUFFIX if vision_fp8 else "")
     return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else "") + suffix,
             "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "fuse_qkv": fuse_qkv,
-            "fuse_gate_up": fuse_gate_up,
             "prepare_ahead": prepare_ahead, "batched_prefill_attention": batched_attention, "batching": batching,
             "batch_size": len(samples),
             "seconds": seconds, "samples_per_s": len(samples) / seconds,
@@ -227,8 +221,7 @@ def write_report(args, device: torch.device, rows: list[dict], decode_ahead: boo
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cuda_graphs": not args.no_cuda_graphs, "compile_vision": not args.no_compile_vision,
         "compile_decode": not args.no_compile_decode, "compile_prefill": not args.no_compile_prefill,
-        "decode_ahead": decode_ahead, "fuse_qkv": args.fuse_qkv, "fuse_gate_up": args.fuse_gate_up,
-        "prepare_ahead": args.prepare_ahead,
+        "decode_ahead": decode_ahead, "fuse_qkv": args.fuse_qkv, "prepare_ahead": args.prepare_ahead,
         "batched_prefill_attention": args.batched_prefill_attention,
         "fused_vision": not args.no_fused_vision, "vision_fp8": args.vision_fp8, "pixels": args.pixels, "rows": rows,
     }
@@ -264,11 +257,6 @@ def main() -> None:
     parser.add_argument("--fuse-qkv", choices=tuple(FUSE_QKV_RUNS), default="on",
                         help="q, k and v as one GEMM in the decoder (EngineConfig.fuse_qkv, on by default); off: "
                         f"three GEMMs (rows' method ends in {SEPARATE_QKV_SUFFIX}); both: three, then one, in one call")
-    default_gate_up = "on" if EngineConfig.fuse_gate_up else "off"
-    parser.add_argument("--fuse-gate-up", choices=tuple(FUSE_GATE_UP_RUNS), default=default_gate_up,
-                        help="gate and up as one GEMM in the decoder's MLPs (EngineConfig.fuse_gate_up, "
-                        f"{default_gate_up} by default; rows of the other setting end in "
-                        f"{GATE_UP_SUFFIX[not EngineConfig.fuse_gate_up]}); both: off, then on, in one call")
     parser.add_argument("--prepare-ahead", choices=tuple(PREPARE_AHEAD_RUNS), default="on",
                         help="generate prepares samples on a worker thread while earlier packs run "
                         "(EngineConfig.prepare_ahead, the CUDA default); off: all before the first pack (rows' method "
@@ -303,15 +291,13 @@ def main() -> None:
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]
     rows, counts, inputs = [], {}, {}
     ahead = False if args.no_decode_ahead else None  # None: the engine's default (on CUDA only)
-    for vision_fp8, fuse_qkv, fuse_gate_up in itertools.product(VISION_FP8_RUNS[args.vision_fp8],
-                                                                 FUSE_QKV_RUNS[args.fuse_qkv],
-                                                                 FUSE_GATE_UP_RUNS[args.fuse_gate_up]):
+    for vision_fp8, fuse_qkv in itertools.product(VISION_FP8_RUNS[args.vision_fp8], FUSE_QKV_RUNS[args.fuse_qkv]):
         engine = VLMEngine(model, processor, engine_config=EngineConfig(cuda_graphs=not args.no_cuda_graphs,
                                                                         compile_vision=not args.no_compile_vision,
                                                                         compile_decode=not args.no_compile_decode,
                                                                         compile_prefill=not args.no_compile_prefill,
                                                                         decode_ahead=ahead,
-                                                                        fuse_qkv=fuse_qkv, fuse_gate_up=fuse_gate_up,
+                                                                        fuse_qkv=fuse_qkv,
                                                                         fused_vision=not args.no_fused_vision,
                                                                         vision_fp8=vision_fp8, max_num_seqs=seats))
         decode_ahead = engine.runner.decoder.ahead

@@ -265,11 +265,9 @@ class EngineConfig:
         The packs are the same: the engine waits for more samples while the next pack could
         still grow. None (the default): on CUDA only (on the CPU there is no device to overlap).
     fuse_qkv: the engine's decoder layers project q, k and v with one GEMM over the three weights
-        side by side (sparsevlm/fused_layers.py; the loaded model is untouched, `model.generate`
+        side by side (sparsevlm/fused_qkv.py; the loaded model is untouched, `model.generate`
         included): at decode batch sizes k and v are too small to stream at the memory's pace alone.
         On an H100, a dense decode step of 64 rows went from 8.29 to 7.90 ms (README, decode graph).
-    fuse_gate_up: the same for an MLP's gate and up projections (one launch and one pass over the
-        rows instead of two, per layer and step). Off until measured on a GPU.
     compile_prefill: the same compiled layers for prefill packs too (the same graphs, the token
         count dynamic). In eager mode a pack's norms, rotary and SwiGLU are ~30% of its device time
         beside the GEMMs; compiled, dense `vqa-1024` runs 1.12x faster on an H100 (README).
@@ -301,7 +299,6 @@ class EngineConfig:
     decode_ahead: bool | None = None
     prepare_ahead: bool | None = None
     fuse_qkv: bool = True
-    fuse_gate_up: bool = False
     batched_prefill_attention: bool = False
     fused_vision: bool = True
     vision_fp8: bool = False

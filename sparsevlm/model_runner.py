@@ -21,7 +21,7 @@ from .config import EngineConfig, SparsityConfig
 from .decode_graphs import DecodeGraphs, DecodeInputs
 from .decoding import Decoder
 from .fp8 import check_fp8_device
-from .fused_layers import engine_layers
+from .fused_qkv import engine_layers
 from .kv_cache import KVPool
 from .pruning.pack import PrunedPack
 from .pruning.ragged import to_device
@@ -85,7 +85,7 @@ class ModelRunner:
         self.decode_inputs = DecodeInputs(adapter.num_layers)
         ahead = config.decode_ahead if config.decode_ahead is not None else self.device.type == "cuda"
         self.decoder = Decoder(self, ahead=ahead)
-        self.layers = engine_layers(adapter.layers, qkv=config.fuse_qkv, gate_up=config.fuse_gate_up)
+        self.layers = engine_layers(adapter.layers) if config.fuse_qkv else list(adapter.layers)
         compiled = compiled_layers(self.layers) if self.device.type == "cuda" and (
             config.compile_decode or config.compile_prefill) else None
         self.decode_layers = compiled if compiled and config.compile_decode else self.layers

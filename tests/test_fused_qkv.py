@@ -1,6 +1,6 @@
-"""The engine's decoder layers (q, k, v as one GEMM, gate and up as another: sparsevlm/fused_layers.py)
-against the layers as loaded, for every family, on fresh random inputs; fp32 on CPU, to 1e-5 relative
-(one GEMM sums each output over the same K as two or three do, in a blocking of its own). Called outside an engine, both route
+"""The engine's decoder layers (q, k, v as one GEMM: sparsevlm/fused_qkv.py) against the layers as
+loaded, for every family, on fresh random inputs; fp32 on CPU, to 1e-5 relative (one GEMM sums each
+output over the same K as three do, in a blocking of its own). Called outside an engine, both route
 to transformers' SDPA (causal): the attention they hand over is what is compared."""
 
 from __future__ import annotations
@@ -10,16 +10,15 @@ import torch
 
 from helpers import mixed_samples
 from sparsevlm import EngineConfig, SamplingParams, SparsityConfig, VLMEngine
-from sparsevlm.fused_layers import FusedGateUpMLP, FusedQKVAttention, engine_layers
+from sparsevlm.fused_qkv import FusedQKVAttention, engine_layers
 
 from test_engine_matches_generate import reference_tokens
 
 
 @pytest.fixture(scope="module")
 def fused_engine(any_engine):
-    """A second engine over the same model, with `EngineConfig.fuse_qkv` (the default) and `fuse_gate_up`."""
-    engine = VLMEngine(any_engine.model, any_engine.processor,
-                       engine_config=EngineConfig(max_num_seqs=3, fuse_gate_up=True))
+    """A second engine over the same model, with the default `EngineConfig.fuse_qkv` (on)."""
+    engine = VLMEngine(any_engine.model, any_engine.processor, engine_config=EngineConfig(max_num_seqs=3))
     assert engine.runner.layers != list(engine.runner.adapter.layers)
     return engine
 
@@ -49,9 +48,8 @@ def test_engine_layers_equal_the_layers_as_loaded(fused_engine, random_biases, t
     hidden = torch.randn(1, tokens, adapter.text_config.hidden_size, generator=generator)
     rotary = adapter.rotary(hidden, adapter.decode_positions(torch.arange(5, 5 + tokens)))
     for fused, loaded in zip(runner.layers, adapter.layers):
-        assert isinstance(fused.self_attn, FusedQKVAttention) and isinstance(fused.mlp, FusedGateUpMLP)
-        assert fused is not loaded  # model.generate keeps transformers' modules:
-        assert not isinstance(loaded.self_attn, FusedQKVAttention) and not isinstance(loaded.mlp, FusedGateUpMLP)
+        assert isinstance(fused.self_attn, FusedQKVAttention) and fused is not loaded
+        assert not isinstance(loaded.self_attn, FusedQKVAttention)  # model.generate keeps transformers' modules
         with torch.inference_mode():
             want = loaded(hidden, attention_mask=None, position_embeddings=rotary)
             got = fused(hidden, attention_mask=None, position_embeddings=rotary)
@@ -71,12 +69,6 @@ def test_the_fused_weight_is_the_only_copy(fused_engine):
     assert torch.equal(again.weight, fused.weight)
     q_rows = loaded.q_proj.out_features
     assert torch.equal(fused.weight[:q_rows], loaded.q_proj.weight)
-    loaded_mlp, fused_mlp = fused_engine.runner.adapter.layers[0].mlp, fused_engine.runner.layers[0].mlp
-    storage = fused_mlp.weight.untyped_storage().data_ptr()
-    assert all(getattr(loaded_mlp, name).weight.untyped_storage().data_ptr() == storage
-               for name in ("gate_proj", "up_proj"))
-    assert engine_layers(fused_engine.runner.adapter.layers[:1])[0].mlp.weight.untyped_storage().data_ptr() == storage
-    assert torch.equal(fused_mlp.weight[fused_mlp.width:], loaded_mlp.up_proj.weight)
 
 
 def test_the_fused_engine_equals_generate(fused_engine):
@@ -87,7 +79,7 @@ def test_the_fused_engine_equals_generate(fused_engine):
     results = fused_engine.generate(samples, [SamplingParams(max_new_tokens=n) for n in lengths])
     assert [r.token_ids for r in results] == [reference_tokens(fused_engine, s, n) for s, n in zip(samples, lengths)]
     plain = VLMEngine(fused_engine.model, fused_engine.processor,
-                      engine_config=EngineConfig(fuse_qkv=False, fuse_gate_up=False, max_num_seqs=3))
+                      engine_config=EngineConfig(fuse_qkv=False, max_num_seqs=3))
     assert plain.runner.layers == list(plain.runner.adapter.layers)  # off: the layers as loaded
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     sparsity = SparsityConfig(method="sparsevlm", keep_ratio=0.3)
@@ -113,49 +105,6 @@ def test_a_layer_without_q_k_v_projections_stays_as_loaded():
         FusedQKVAttention(layer.self_attn)
 
 
-class GatedMLP(torch.nn.Module):
-    def __init__(self, bias: bool, width: int = 12):
-        super().__init__()
-        self.gate_proj, self.up_proj = torch.nn.Linear(8, width, bias=bias), torch.nn.Linear(8, width, bias=bias)
-        self.down_proj = torch.nn.Linear(width, 8, bias=bias)
-        self.act_fn = torch.nn.SiLU()
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_fused_gate_up_equals_the_mlp(bias):
-    """Any gated MLP of transformers' shape, biases included (the families here have none), fp32 on
-    fresh random inputs; the loaded linears read the fused weight afterwards."""
-    torch.manual_seed(int(bias))
-    mlp = GatedMLP(bias)
-    x = torch.randn(3, 5, 8)
-    want = mlp(x)
-    fused = FusedGateUpMLP(mlp)
-    torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)  # the views hold the same values
-    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
-
-
-def test_an_mlp_that_is_not_gated_stays_as_loaded():
-    class Layer(torch.nn.Module):
-        def __init__(self, mlp):
-            super().__init__()
-            self.mlp = mlp
-
-    plain = Layer(torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.GELU(), torch.nn.Linear(12, 8)))
-    assert engine_layers([plain]) == [plain]
-    uneven = GatedMLP(bias=False)
-    uneven.up_proj = torch.nn.Linear(8, 16, bias=False)
-    with pytest.raises(ValueError, match="gated MLP"):
-        FusedGateUpMLP(uneven)
-    gated = Layer(GatedMLP(bias=False))
-    assert isinstance(engine_layers([gated])[0].mlp, FusedGateUpMLP)
-    assert engine_layers([gated], gate_up=False) == [gated]
-    assert isinstance(gated.mlp, GatedMLP)  # the loaded layer keeps its own
-
-
 def test_the_throughput_benchmark_runs_unfused_then_fused_on_the_same_samples(tmp_path, monkeypatch):
     """`benchmarks.throughput --fuse-qkv both`: unfused rows (method ending in @separate-qkv), then
     fused rows (the default) on the same samples, each compared with its own configuration's dense row."""
@@ -166,17 +115,3 @@ def test_the_throughput_benchmark_runs_unfused_then_fused_on_the_same_samples(tm
         ("none@separate-qkv", False), ("sparsevlm-128@separate-qkv", False), ("none", True), ("sparsevlm-128", True)]
     assert rows[3]["speedup_vs_engine_dense"] == pytest.approx(rows[3]["samples_per_s"] / rows[2]["samples_per_s"])
     assert all(r["n_visual_tokens_kept_mean"] == rows[1]["n_visual_tokens_kept_mean"] for r in rows[1::2])
-
-
-def test_the_throughput_benchmark_runs_gate_up_both_ways_on_the_same_samples(tmp_path, monkeypatch):
-    """`benchmarks.throughput --fuse-gate-up both`: gate and up as two GEMMs, then as one; the rows
-    of the setting that is not EngineConfig's default carry its suffix."""
-    from benchmarks.throughput import GATE_UP_SUFFIX
-    from helpers import throughput_report
-
-    rows = throughput_report(tmp_path, monkeypatch, "--fuse-gate-up", "both", "--methods", "none")["rows"]
-    marked = GATE_UP_SUFFIX[not EngineConfig.fuse_gate_up]
-    assert [(r["method"], r["fuse_gate_up"]) for r in rows] == [
-        ("none" + (marked if EngineConfig.fuse_gate_up else ""), False),
-        ("none" + ("" if EngineConfig.fuse_gate_up else marked), True)]
-    assert rows[0]["n_visual_tokens"] == rows[1]["n_visual_tokens"]

@@ -1,20 +1,16 @@
-"""The engine's decoder layers: transformers' own, with q, k and v projected by one GEMM, and
-an MLP's gate and up projections by another.
+"""The engine's decoder layers: transformers' own, with q, k and v projected by one GEMM.
 
 A decode step multiplies a few dozen rows by every weight, so each projection is a pass over
 its weight; at 7B shapes k and v (3.7 MB each) are too small to stream at the memory's pace on
 their own (on the H200 ~0.7 TB/s against ~3.5 for the large GEMMs). One GEMM over the three
-weights side by side reads the same bytes at the large GEMMs' pace. Gate and up (136 MB each at
-7B) stream near that pace alone; as one GEMM they are one launch and one pass over the rows
-instead of two (`EngineConfig.fuse_gate_up`).
+weights side by side reads the same bytes at the large GEMMs' pace.
 
 `engine_layers` hands the engine shallow copies of the decoder layers whose attention is
-`FusedQKVAttention` and whose MLP is `FusedGateUpMLP`: the loaded model is untouched, so
-`model.generate` stays transformers' own code, the engine's reference. A fused weight is the
-only copy: the loaded projections' weights become views of it. A layer whose attention is not a
-plain q/k/v/o attention (the projections' names, shapes or dtypes differ, or its module has no
-`apply_rotary_pos_emb`) keeps its attention; one whose MLP is not `down(act(gate(x)) * up(x))`
-over linears of one shape keeps its MLP.
+`FusedQKVAttention`: the loaded model is untouched, so `model.generate` stays transformers'
+own code, the engine's reference. The fused weight is the only copy: the loaded projections'
+weights become views of it. A layer whose attention is not a plain q/k/v/o attention (the
+projections' names, shapes or dtypes differ, or its module has no `apply_rotary_pos_emb`)
+stays as loaded.
 """
 
 from __future__ import annotations
@@ -120,67 +116,19 @@ class FusedQKVAttention(torch.nn.Module):
         return attention.o_proj(out.reshape(*leading, -1).contiguous()), weights
 
 
-GATE_UP = ("gate_proj", "up_proj")
-
-
-def can_fuse_gate_up(mlp: torch.nn.Module) -> bool:
-    """A gated MLP of transformers' shape (Llama, Qwen2, Qwen3-VL): `down_proj(act_fn(gate_proj(x)) *
-    up_proj(x))` over gate and up linears of one shape and dtype."""
-    linears = [getattr(mlp, name, None) for name in GATE_UP]
-    if not all(isinstance(m, torch.nn.Linear) for m in linears) or not isinstance(
-            getattr(mlp, "down_proj", None), torch.nn.Linear) or not callable(getattr(mlp, "act_fn", None)):
-        return False
-    gate, up = linears
-    return gate.weight.shape == up.weight.shape and gate.weight.dtype == up.weight.dtype and \
-        (gate.bias is None) == (up.bias is None)
-
-
-class FusedGateUpMLP(torch.nn.Module):
-    """transformers' gated MLP forward, `down_proj(act_fn(gate) * up)`, with gate and up as one
-    `linear` over their weights side by side."""
-
-    def __init__(self, mlp: torch.nn.Module):
-        super().__init__()
-        if not can_fuse_gate_up(mlp):
-            raise ValueError(f"{type(mlp).__name__} is not a gated MLP (gate_proj, up_proj, down_proj, act_fn) "
-                             "FusedGateUpMLP can take")
-        self.mlp = mlp
-        self.width = mlp.gate_proj.out_features
-        with torch.no_grad():
-            weight = _joined([mlp.gate_proj.weight, mlp.up_proj.weight])
-            bias = None if mlp.gate_proj.bias is None else _joined([mlp.gate_proj.bias, mlp.up_proj.bias])
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("bias", bias, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.weight, self.bias).split(self.width, dim=-1)
-        return self.mlp.down_proj(self.mlp.act_fn(gate) * up)
-
-
-def engine_layers(layers, qkv: bool = True, gate_up: bool = True) -> list[torch.nn.Module]:
-    """Shallow copies of `layers` (parameters shared) with their attention's q/k/v (`qkv`) and their
-    MLP's gate/up (`gate_up`) projections fused, where the layer has such modules."""
-    copies, kept = [], {"attention": 0, "MLP": 0}
+def engine_layers(layers) -> list[torch.nn.Module]:
+    """Shallow copies of `layers` (parameters shared) with their attention's projections fused."""
+    copies, kept = [], 0
     for layer in layers:
-        swaps = {}
-        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if qkv:
-            if attention is not None and can_fuse(attention):
-                swaps["self_attn"] = FusedQKVAttention(attention)
-            else:
-                kept["attention"] += 1
-        if gate_up:
-            if mlp is not None and can_fuse_gate_up(mlp):
-                swaps["mlp"] = FusedGateUpMLP(mlp)
-            else:
-                kept["MLP"] += 1
-        if not swaps:
+        attention = getattr(layer, "self_attn", None)
+        if attention is None or not can_fuse(attention):
             copies.append(layer)
+            kept += 1
             continue
         twin = copy.copy(layer)
-        twin._modules = {**layer._modules, **swaps}  # copy.copy shares the child dict: the loaded layer keeps its own
+        twin._modules = dict(layer._modules)  # copy.copy shares the child dict: the loaded layer keeps its own
+        twin._modules["self_attn"] = FusedQKVAttention(attention)
         copies.append(twin)
-    for part, count in kept.items():
-        if count:
-            logger.info("%d of %d decoder layers keep their own %s (nothing to fuse)", count, len(copies), part)
+    if kept:
+        logger.info("%d of %d decoder layers keep their own attention (no q/k/v to fuse)", kept, len(copies))
     return copies
