@@ -80,7 +80,7 @@ SEPARATE_QKV_SUFFIX = "@separate-qkv"  # an engine row with q, k and v as three 
 PREPARE_AHEAD_RUNS = VISION_FP8_RUNS  # the same choices for EngineConfig.prepare_ahead
 PREPARED_FIRST_SUFFIX = "@prepared-first"  # an engine row whose samples were all prepared before its first pack
 BATCHED_ATTENTION_RUNS = VISION_FP8_RUNS  # and for EngineConfig.batched_prefill_attention
-BATCHED_ATTENTION_SUFFIX = "@batched-attention"  # an engine row whose equal-length packs ran batched attention
+VARLEN_ATTENTION_SUFFIX = "@varlen-attention"  # a CUDA engine row whose equal-length packs ran varlen attention
 
 
 def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], repeats: int,
@@ -104,7 +104,8 @@ def run_engine(engine: VLMEngine, samples: list[dict], new_tokens: list[int], re
     vision_fp8, fuse_qkv, prepare_ahead = engine.config.vision_fp8, engine.config.fuse_qkv, engine.prepare_ahead
     batched_attention = engine.runner.backend.batched_prefill
     suffix = ("" if fuse_qkv else SEPARATE_QKV_SUFFIX) + ("" if prepare_ahead else PREPARED_FIRST_SUFFIX) + \
-        (BATCHED_ATTENTION_SUFFIX if batched_attention else "") + (FP8_SUFFIX if vision_fp8 else "")
+        (VARLEN_ATTENTION_SUFFIX if engine.device.type == "cuda" and not batched_attention else "") + \
+        (FP8_SUFFIX if vision_fp8 else "")
     return {"system": f"engine_{sparsity.label}" + (f"_{batching}" if static_batch else "") + suffix,
             "method": sparsity.label + suffix, "vision_fp8": vision_fp8, "fuse_qkv": fuse_qkv,
             "prepare_ahead": prepare_ahead, "batched_prefill_attention": batched_attention, "batching": batching,
@@ -167,7 +168,7 @@ def run_methods(args, engine: VLMEngine, name: str, inputs: tuple, methods: list
     for sparsity, prepare_ahead, batched in itertools.product(methods, PREPARE_AHEAD_RUNS[args.prepare_ahead],
                                                                BATCHED_ATTENTION_RUNS[args.batched_prefill_attention]):
         engine.prepare_ahead = prepare_ahead
-        engine.runner.backend.batched_prefill = batched
+        engine.runner.backend.batched_prefill = batched and engine.device.type == "cuda"  # as EngineConfig's
         configuration = (prepare_ahead, batched)
         if name == MIXED and args.static_batch:
             row = run_engine(engine, samples, new_tokens, args.repeats, sparsity, static_batch=args.static_batch)
@@ -261,10 +262,11 @@ def main() -> None:
                         help="generate prepares samples on a worker thread while earlier packs run "
                         "(EngineConfig.prepare_ahead, the CUDA default); off: all before the first pack (rows' method "
                         f"ends in {PREPARED_FIRST_SUFFIX}); both: off, then on, on the same engine in one call")
-    parser.add_argument("--batched-prefill-attention", choices=tuple(BATCHED_ATTENTION_RUNS), default="off",
+    parser.add_argument("--batched-prefill-attention", choices=tuple(BATCHED_ATTENTION_RUNS), default="on",
                         help="equal-length prefill packs' attention as one batched cuDNN call "
-                        "(EngineConfig.batched_prefill_attention, off by default; CUDA only); on: rows' method "
-                        f"ends in {BATCHED_ATTENTION_SUFFIX}; both: off, then on, on the same engine in one call")
+                        "(EngineConfig.batched_prefill_attention, the default; CUDA only, the CPU engine runs "
+                        f"SDPA per sample); off: the varlen call (rows' method ends in {VARLEN_ATTENTION_SUFFIX}); "
+                        "both: off, then on, on the same engine in one call")
     parser.add_argument("--no-fused-vision", action="store_true", help="transformers' own tower modules (the "
                         "window kernel and GEMM patch embedding off)")
     parser.add_argument("--vision-fp8", choices=tuple(VISION_FP8_RUNS), nargs="?", const="on", default="off",
@@ -284,8 +286,9 @@ def main() -> None:
         parser.error('--pixels frames: HF generate takes the processor\'s float patches; pass --hf-batch-sizes ""')
     with_vllm = vllm_baseline.wanted(args.vllm, applies=not tiny)  # before the run: a wrong flag fails at once
     device = device_for(args.model)
-    if args.batched_prefill_attention != "off" and device.type != "cuda":
-        parser.error("--batched-prefill-attention: the batched path is CUDA only (the CPU engine runs varlen)")
+    if args.batched_prefill_attention == "both" and device.type != "cuda":
+        parser.error("--batched-prefill-attention both: the batched path is CUDA only (the CPU engine runs SDPA "
+                     "per sample either way)")
     model, processor = load_model(args.model, str(device))
     seats = args.static_batch if args.static_batch and MIXED in args.workloads.split(",") else 128
     methods = [SparsityConfig.parse(m) for m in args.methods.split(";" if ";" in args.methods else ",")]

@@ -126,6 +126,8 @@ def test_the_engine_with_batched_prefill_equals_generate(engine):
     samples = [processor(text=[chat(processor, "image", text="Caption the picture.")], images=[random_image(rng, 56, 84)])
                for _ in range(3)]
     batched = VLMEngine(engine.model, processor)
+    assert batched.config.batched_prefill_attention  # the default, which on the CPU leaves varlen/SDPA in place:
+    assert not batched.runner.backend.batched_prefill
     batched.runner.backend.batched_prefill = True
     calls = []
     op = torch.ops.sparsevlm.equal_segments_attention
