@@ -15,6 +15,14 @@ def chat(processor, *parts, text: str) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+def same_size_samples(processor, count: int, seed: int) -> list[dict]:
+    """`count` random images of one size under one prompt: a prefill pack whose samples are all of
+    one length at every layer (what batched prefill attention takes)."""
+    rng = np.random.default_rng(seed)
+    return [processor(text=[chat(processor, "image", text="Caption the picture.")], images=[random_image(rng, 56, 84)])
+            for _ in range(count)]
+
+
 def mixed_samples(processor, seed: int = 0) -> list[dict]:
     """Eight samples covering what a real batch mixes: image sizes, two images, video, text only
     (a family without video gets an image where the video would be)."""

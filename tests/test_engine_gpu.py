@@ -160,10 +160,8 @@ def test_batched_prefill_attention_matches_varlen(gpu_engine, monkeypatch):
     """EngineConfig.batched_prefill_attention in bf16: same-size images under one prompt make a pack of
     equal lengths, which goes through cuDNN's batched attention at every layer; its first-token logits
     agree with the varlen path's to 5% of their largest magnitude (other kernels, other rounding)."""
-    import numpy as np
-
     import sparsevlm.model_runner as model_runner
-    from helpers import chat, random_image
+    from helpers import same_size_samples
 
     first_logits, batched_calls = [], []
     select = model_runner.select_tokens
@@ -172,9 +170,8 @@ def test_batched_prefill_attention_matches_varlen(gpu_engine, monkeypatch):
     op = torch.ops.sparsevlm.equal_segments_attention
     monkeypatch.setattr(torch.ops.sparsevlm, "equal_segments_attention",
                         lambda *args: batched_calls.append(args[3:]) or op(*args))
-    rng, processor = np.random.default_rng(13), gpu_engine.processor
-    samples = [processor(text=[chat(processor, "image", text="Caption the picture.")],
-                         images=[random_image(rng, 56, 84)]) for _ in range(4)]
+    processor = gpu_engine.processor
+    samples = same_size_samples(processor, 4, seed=13)
 
     def run(batched):
         first_logits.clear()

@@ -115,16 +115,12 @@ def test_the_engine_with_batched_prefill_equals_generate(engine):
     the varlen engine's tokens and kept positions."""
     import unittest.mock
 
-    import numpy as np
-
-    from helpers import chat, random_image
+    from helpers import same_size_samples
     from sparsevlm import SamplingParams, SparsityConfig, VLMEngine
     from test_engine_matches_generate import reference_tokens
 
-    rng = np.random.default_rng(5)
     processor = engine.processor
-    samples = [processor(text=[chat(processor, "image", text="Caption the picture.")], images=[random_image(rng, 56, 84)])
-               for _ in range(3)]
+    samples = same_size_samples(processor, 3, seed=5)
     batched = VLMEngine(engine.model, processor)
     assert batched.config.batched_prefill_attention  # the default, which on the CPU leaves varlen/SDPA in place:
     assert not batched.runner.backend.batched_prefill
